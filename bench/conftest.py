@@ -1,0 +1,167 @@
+"""Benchmark harness over pytest-benchmark: device-synchronized timing, throughput units, speedups against the
+baseline measured in the same run, and one results JSON per run with device, versions and commit.
+
+Every benchmark calls the ``measure`` fixture::
+
+    measure(fn, group="kd_loss fwd+bwd 1024x1000 float32", provider="cpp", baseline="eager",
+            bytes_moved=..., items=...)
+
+At the end of the session the results are printed as a table and written to
+``bench/results/<device>-<date>.json`` (or ``--bench-out PATH``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+RESULTS: list[dict] = []
+RESULTS_DIR = Path(__file__).parent / "results"
+ON_CUDA = torch.cuda.is_available()
+
+
+def pytest_addoption(parser):
+    parser.addoption("--bench-out", default=None, help="where to write the results JSON "
+                                                       "(default: bench/results/<device>-<date>.json)")
+    parser.addoption("--bench-max-time", type=float, default=0.4,
+                     help="seconds of timed rounds per benchmark (after warm-up)")
+
+
+def device_name() -> str:
+    if ON_CUDA:
+        return torch.cuda.get_device_name(0)
+    return f"{platform.processor() or platform.machine()} CPU x{torch.get_num_threads()} threads"
+
+
+def _sync():
+    if ON_CUDA:
+        torch.cuda.synchronize()
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=Path(__file__).parent, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+@pytest.fixture
+def measure(benchmark, request):
+    """Time ``fn`` (device-synchronized), record throughput, and return the median seconds."""
+    max_time = request.config.getoption("--bench-max-time")
+
+    def run(fn, *, group: str, provider: str, baseline: str | None = None, bytes_moved: float | None = None,
+            items: float | None = None, items_unit: str = "items", warmup: int = 3, info: dict | None = None):
+        for _ in range(warmup):  # compile, autotune, allocator warm-up
+            fn()
+        _sync()
+        start = time.perf_counter()
+        fn()
+        _sync()
+        once = max(time.perf_counter() - start, 1e-6)
+        rounds = int(min(max(max_time / once, 5), 1000))
+
+        def timed():
+            fn()
+            _sync()
+
+        benchmark.group = group
+        benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=1)
+        median = benchmark.stats.stats.median
+        record = dict(group=group, provider=provider, baseline=baseline, median_s=median,
+                      iqr_s=benchmark.stats.stats.iqr, rounds=rounds, **(info or {}))
+        if bytes_moved is not None:
+            record["GB_per_s"] = bytes_moved / median / 1e9
+        if items is not None:
+            record[f"{items_unit}_per_s"] = items / median
+        benchmark.extra_info.update({k: v for k, v in record.items() if k not in ("group",)})
+        RESULTS.append(record)
+        return median
+
+    return run
+
+
+def _versions() -> dict:
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("triton", "nvidia.dali", "liger_kernel", "spacedkd_fast"):
+        try:
+            module = __import__(name, fromlist=["__version__"])
+            versions[name] = getattr(module, "__version__", "installed")
+        except Exception:  # noqa: BLE001 - absent is fine
+            pass
+    try:
+        from spacedkd_fast import backends
+
+        versions["spacedkd_fast._C"] = str(backends.cpp_extension())
+    except Exception:  # noqa: BLE001
+        pass
+    if ON_CUDA:
+        versions["cuda"] = torch.version.cuda
+    return versions
+
+
+def _add_speedups(results: list[dict]) -> None:
+    by_group = {}
+    for r in results:
+        by_group.setdefault(r["group"], {})[r["provider"]] = r
+    for r in results:
+        base = r.get("baseline") and by_group[r["group"]].get(r["baseline"])
+        if base:
+            r[f"speedup_vs_{r['baseline']}"] = base["median_s"] / r["median_s"]
+    copies = [r for r in results if r["provider"] == "copy"]
+    if copies:
+        peak = max(r["GB_per_s"] for r in copies)
+        for r in results:
+            if "GB_per_s" in r and r["provider"] != "copy":
+                r["pct_of_copy_bandwidth"] = 100.0 * r["GB_per_s"] / peak
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if not RESULTS:
+        return
+    _add_speedups(RESULTS)
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", "cuda-" + device_name() if ON_CUDA else "cpu").strip("-").lower()
+    out = session.config.getoption("--bench-out") or str(
+        RESULTS_DIR / f"{slug}-{datetime.date.today().isoformat()}.json")
+    payload = {
+        "device": device_name(),
+        "cpu_threads": torch.get_num_threads(),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "commit": _commit(),
+        "versions": _versions(),
+        "command": "pytest " + " ".join(session.config.invocation_params.args),
+        "byte_counting": "kd_loss fwd: N·V·(e_s + e_t); fwd+bwd: N·V·(2·e_s + 2·e_t + e_g) (two-pass count, "
+                         "10 B/elt in bf16); copy: bytes read + written",
+        "results": RESULTS,
+    }
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None:
+        return
+    reporter.write_sep("=", f"spacedkd_fast benchmarks on {payload['device']} (commit {payload['commit']})")
+    for r in RESULTS:
+        extra = [f"{r['median_s'] * 1e3:9.3f} ms"]
+        for key, fmt in (("GB_per_s", "{:8.2f} GB/s"), ("images_per_s", "{:10.0f} img/s"),
+                         ("pct_of_copy_bandwidth", "{:5.1f}% of copy")):
+            if key in r and not (isinstance(r[key], float) and math.isnan(r[key])):
+                extra.append(fmt.format(r[key]))
+        for key in r:
+            if key.startswith("speedup_vs_"):
+                extra.append(f"{r[key]:6.2f}x vs {key.removeprefix('speedup_vs_')}")
+        reporter.write_line(f"{r['group']:<44} {r['provider']:<14} " + "  ".join(extra))
+    reporter.write_line(f"results written to {os.path.relpath(out)}")

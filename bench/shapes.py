@@ -1,0 +1,15 @@
+"""The one shape sweep shared by the loss benchmarks."""
+
+import torch
+
+ON_CUDA = torch.cuda.is_available()
+
+# (N, V): classification shapes run everywhere; N = 4096, V = 1000 is the CPU target shape of the C++ kernel;
+# LLM-scale shapes only on a GPU.
+CLASSIFICATION = [(128, 100), (128, 1000), (1024, 100), (1024, 1000)]
+CPU_TARGET = [(4096, 1000)]
+LLM = [(8192, 32000), (8192, 128256)]
+
+KD_SHAPES = CLASSIFICATION + (LLM if ON_CUDA else CPU_TARGET)
+KD_DTYPES = [torch.bfloat16, torch.float32] if ON_CUDA else [torch.float32]
+MODES = ["fwd", "fwd+bwd"]

@@ -1,0 +1,18 @@
+"""spacedkd_fast: Spaced Knowledge Distillation, fast.
+
+Public API:
+    kd_loss, KDLoss          fused (1−α)·CE + α·T²·KL loss (Triton on CUDA, C++ on CPU, torch reference)
+    kd_loss_reference        the pure-torch spec of that loss
+
+Optional parts (Triton, the C++ extension, DALI, CUDA) are probed lazily by :mod:`spacedkd_fast.backends`;
+``python -m spacedkd_fast.info`` shows what this machine uses.
+"""
+
+import logging
+
+from spacedkd_fast.loss import KDLoss, kd_loss, kd_loss_reference
+
+__version__ = "0.1.0"
+__all__ = ["KDLoss", "kd_loss", "kd_loss_reference", "__version__"]
+
+logging.getLogger("spacedkd_fast").addHandler(logging.NullHandler())

@@ -1,0 +1,112 @@
+"""Public loss API: :func:`kd_loss` and :class:`KDLoss`. The only place that picks a backend."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from spacedkd_fast import backends
+from spacedkd_fast.loss.args import canonicalize
+from spacedkd_fast.loss.function import fused_kd_loss
+from spacedkd_fast.loss.reference import kd_loss_rows_reference, reduce_rows
+
+
+def kd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    target: Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    alpha: float = 0.5,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    t_squared: bool = True,
+    teacher_grad: bool = False,
+    backend: str = "auto",
+) -> Tensor:
+    """Fused knowledge-distillation loss: ``(1−α)·CE_ε(s, y) + α·T²·KL(softmax(t/T) ‖ softmax(s/T))`` per row.
+
+    The formula, its conventions and its edge cases are specified in :mod:`spacedkd_fast.loss.reference`.
+
+    Args:
+        student_logits: ``(..., V)`` logits, or ``(K, ..., V)`` for K students of one teacher (all K losses in one
+            launch, the teacher read once: self-KD exits learning from the deepest exit). float32, bfloat16 or
+            float16 (float64 runs on the reference); any strides, no forced copy.
+        teacher_logits: ``(..., V)`` logits. Treated as detached unless ``teacher_grad=True``.
+        target: ``(...)`` integer class indices with the teacher's leading shape, or None for the KL term
+            alone (``loss = T²·KL``; α is not applied).
+        temperature: T > 0, applied to student and teacher in the KL term; CE is at T = 1.
+        alpha: weight of the KL term, in [0, 1].
+        label_smoothing: ε in [0, 1) for the CE term.
+        ignore_index: rows with this label contribute zero loss and zero gradient.
+        reduction: "mean" (over non-ignored rows, no host sync), "sum", or "none" (per-row fp32 losses).
+        t_squared: multiply the KL term by T² (Hinton et al.); False reproduces recipes that omit it (the official
+            Spaced-KD self-KD code).
+        teacher_grad: also give the teacher logits their gradient (mutual learning).
+        backend: "auto" (Triton on CUDA, C++ on CPU, else torch), "triton", "cpp" or "torch" (the reference).
+
+    Returns:
+        fp32 loss: ``()`` for mean/sum (``(K,)`` with K students); ``(...)`` for none (``(K, ...)``).
+
+    Raises:
+        TypeError / ValueError naming the argument, for bad shapes, dtypes, labels, or hyperparameters.
+    """
+    problem = canonicalize(
+        student_logits, teacher_logits, target,
+        temperature=temperature, alpha=alpha, label_smoothing=label_smoothing,
+        ignore_index=ignore_index, reduction=reduction,
+    )
+    # float64 anywhere routes "auto" to the reference; otherwise the kernels handle mixed dtypes themselves.
+    dtype = torch.float64 if torch.float64 in (student_logits.dtype, teacher_logits.dtype) else student_logits.dtype
+    chosen = backends.select_loss_backend(backend, student_logits.device, dtype)
+    if chosen == "torch":
+        teacher = problem.teacher_rows() if teacher_grad else problem.teacher_rows().detach()
+        rows = kd_loss_rows_reference(
+            problem.student_rows(), teacher, problem.target,
+            temperature=temperature, alpha=alpha, label_smoothing=label_smoothing,
+            ignore_index=ignore_index, t_squared=t_squared,
+        )
+        return reduce_rows(rows.float(), problem, reduction)
+    return fused_kd_loss(
+        problem, temperature=temperature, alpha=alpha, label_smoothing=label_smoothing,
+        reduction=reduction, t_squared=t_squared, teacher_grad=teacher_grad, backend=chosen,
+    )
+
+
+class KDLoss(nn.Module):
+    """Module form of :func:`kd_loss`; takes the same keyword arguments and is called as
+    ``loss_fn(student_logits, teacher_logits, target=None)``.
+
+    Arguments are checked at construction, so a bad hyperparameter fails before training starts.
+    """
+
+    def __init__(
+        self,
+        *,
+        temperature: float = 1.0,
+        alpha: float = 0.5,
+        label_smoothing: float = 0.0,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        t_squared: bool = True,
+        teacher_grad: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.options = dict(
+            temperature=temperature, alpha=alpha, label_smoothing=label_smoothing, ignore_index=ignore_index,
+            reduction=reduction, t_squared=t_squared, teacher_grad=teacher_grad, backend=backend,
+        )
+        # Check the hyperparameters now on a 1×1 problem (no data involved).
+        probe = torch.zeros(1, 1)
+        canonicalize(probe, probe, None, temperature=temperature, alpha=alpha, label_smoothing=label_smoothing,
+                     ignore_index=ignore_index, reduction=reduction)
+        if backend not in backends.LOSS_BACKENDS:
+            raise ValueError(f"kd_loss: backend must be one of {backends.LOSS_BACKENDS}, got {backend!r}")
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None = None) -> Tensor:
+        return kd_loss(student_logits, teacher_logits, target, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

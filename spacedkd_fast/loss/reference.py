@@ -1,0 +1,129 @@
+"""Pure-PyTorch fused KD + CE loss: **the spec**.
+
+Per row ``i`` with student logits ``s``, teacher logits ``t``, label ``y``, temperature ``T > 0``,
+weight ``α ∈ [0, 1]`` and label smoothing ``ε ∈ [0, 1)``::
+
+    loss_i = (1 − α) · CE_ε(s, y) + α · c · KL( softmax(t/T) ‖ softmax(s/T) ),   c = T² (or 1: t_squared=False)
+    CE_ε(s, y) = (1 − ε) · (lse(s) − s_y) + ε · (lse(s) − mean(s))               (CE at T = 1)
+
+* ``target=None``: ``loss_i = c · KL`` (α is not applied, no row is ignored).
+* Rows whose label equals ``ignore_index`` contribute zero loss and zero gradient.
+* ``reduction="mean"`` divides the sum by the number of non-ignored rows (0 when there are none),
+  ``"sum"`` sums, ``"none"`` returns per-row losses.
+* α weights the KL term (torchtune's ``kd_ratio`` convention). torchdistill's α is the CE weight; to reproduce
+  its ``KDLoss`` use ``alpha = 1 − α_torchdistill``.
+* A teacher probability of exactly 0 (teacher logit −inf) contributes 0 to the KL (the limit ``0·log 0 = 0``);
+  NaN and +inf propagate.
+
+This module is the torch backend of :func:`spacedkd_fast.kd_loss`, the oracle every test compares the Triton and
+C++ kernels against (in float64), and the baseline of every benchmark. It is written for clarity, not speed:
+float64 inputs are computed in float64, every other dtype in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from spacedkd_fast.loss.args import KDProblem, canonicalize
+
+__all__ = ["kd_loss_reference", "kd_loss_rows_reference", "reduce_rows"]
+
+
+def kd_loss_rows_reference(
+    student: Tensor,
+    teacher: Tensor,
+    target: Tensor | None,
+    *,
+    temperature: float,
+    alpha: float,
+    label_smoothing: float,
+    ignore_index: int,
+    t_squared: bool,
+) -> Tensor:
+    """Per-row losses.
+
+    Args:
+        student: ``(K, N, V)`` logits of K students (K = 1 for the ordinary case); any float dtype.
+        teacher: ``(N, V)`` logits shared by the K students.
+        target: ``(N,)`` integer labels, or None for the KL term alone.
+        (the rest as in :func:`spacedkd_fast.kd_loss`)
+
+    Returns:
+        ``(K, N)`` losses in float64 for float64 inputs, float32 otherwise. Gradients flow to ``student`` and,
+        unless the caller detached it, to ``teacher``.
+    """
+    compute_dtype = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
+    s = student.to(compute_dtype)
+    t = teacher.to(compute_dtype)
+    if target is not None:
+        valid = target != ignore_index  # (N,)
+        # Zero the ignored rows first so that a NaN there cannot leak into the gradient through 0 · NaN.
+        s = torch.where(valid[:, None], s, torch.zeros((), dtype=compute_dtype, device=s.device))
+        t = torch.where(valid[:, None], t, torch.zeros((), dtype=compute_dtype, device=t.device))
+
+    log_q = F.log_softmax(s / temperature, dim=-1)  # (K, N, V) student at temperature T
+    log_p = F.log_softmax(t / temperature, dim=-1)  # (N, V)    teacher at temperature T
+    p = log_p.exp()
+    kl_terms = torch.where(p == 0, torch.zeros((), dtype=compute_dtype, device=p.device), p * (log_p - log_q))
+    kl = kl_terms.sum(dim=-1)  # (K, N)
+    kd_scale = temperature * temperature if t_squared else 1.0
+
+    if target is None:
+        return kd_scale * kl
+
+    log_s = F.log_softmax(s, dim=-1)  # (K, N, V) student at T = 1
+    safe_target = torch.where(valid, target, torch.zeros_like(target)).long()
+    nll = -log_s.gather(-1, safe_target.expand(log_s.shape[:-1]).unsqueeze(-1)).squeeze(-1)  # lse(s) − s_y
+    smooth = -log_s.mean(dim=-1)  # lse(s) − mean(s)
+    ce = (1.0 - label_smoothing) * nll + label_smoothing * smooth
+    loss = (1.0 - alpha) * ce + alpha * kd_scale * kl
+    return torch.where(valid, loss, torch.zeros((), dtype=loss.dtype, device=loss.device))
+
+
+def reduce_rows(rows: Tensor, problem: KDProblem, reduction: str) -> Tensor:
+    """Reduce ``(K, N)`` per-row losses to the public output shape of :func:`spacedkd_fast.kd_loss`.
+
+    ``"mean"`` divides by the number of non-ignored rows, kept on the device (no host sync); with none it is 0.
+    """
+    if reduction == "none":
+        return rows.reshape(problem.none_shape)
+    total = rows.sum(dim=-1)  # (K,)
+    if reduction == "mean":
+        total = total / problem.valid_count(rows.dtype).clamp_min(1)
+    return total if problem.multi_student else total.squeeze(0)
+
+
+def kd_loss_reference(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    target: Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    alpha: float = 0.5,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    t_squared: bool = True,
+    teacher_grad: bool = False,
+) -> Tensor:
+    """The spec, with the public signature of :func:`spacedkd_fast.kd_loss` (minus ``backend``).
+
+    Accepts the same shapes (``(..., V)``, or ``(K, ..., V)`` students over one ``(..., V)`` teacher) and checks
+    its arguments the same way. Autograd provides the gradients.
+    """
+    problem = canonicalize(
+        student_logits, teacher_logits, target,
+        temperature=temperature, alpha=alpha, label_smoothing=label_smoothing,
+        ignore_index=ignore_index, reduction=reduction,
+    )
+    teacher = problem.teacher_rows()
+    if not teacher_grad:
+        teacher = teacher.detach()
+    rows = kd_loss_rows_reference(
+        problem.student_rows(), teacher, problem.target,
+        temperature=temperature, alpha=alpha, label_smoothing=label_smoothing,
+        ignore_index=ignore_index, t_squared=t_squared,
+    )
+    return reduce_rows(rows, problem, reduction)

@@ -1,0 +1,72 @@
+"""Test utilities: inputs, the float64 oracle, and per-dtype tolerances."""
+
+from __future__ import annotations
+
+import torch
+
+from spacedkd_fast import kd_loss, kd_loss_reference
+
+# (rtol, atol) for the loss (always fp32 math on the input values) and for gradients, whose atol is relative to
+# the largest reference gradient. fp32: twice the error of PyTorch's own fp32 softmax at V = 32000 (8e-6).
+# Low-precision gradients are rounded to their dtype once in the kernel and once by the grad_output multiply:
+# two half-ulps of bf16 (2^-9) / fp16 (2^-12), with margin; the Triton interpreter truncates to bf16 instead of
+# rounding (one full ulp, 2^-8), which the bf16 rtol also covers.
+LOSS_TOL = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (2e-5, 2e-5), torch.float16: (2e-5, 2e-5)}
+GRAD_TOL = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (1e-2, 2e-3), torch.float16: (2e-3, 3e-4)}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_logits(*shape, dtype=torch.float32, scale=3.0, device=DEVICE):
+    return (torch.randn(*shape, device=device) * scale).to(dtype)
+
+
+def make_target(n, vocab, ignore_every=5, ignore_index=-100, device=DEVICE):
+    y = torch.randint(0, vocab, (n,), device=device)
+    if ignore_every:
+        y[::ignore_every] = ignore_index
+    return y
+
+
+def assert_close(actual, expected, rtol, atol, what):
+    actual = actual.detach().double().cpu()
+    expected = expected.detach().double().cpu()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+def check_against_reference(student, teacher, target=None, *, backend, grad_output=True, teacher_grad=False,
+                            **options):
+    """Run ``backend`` and the float64 reference on the same values; compare loss and gradients.
+
+    The reference gets the inputs upcast exactly to float64, so the only error measured is the backend's.
+    ``grad_output=True`` backpropagates a random upstream gradient (the loss is not the last op).
+    """
+    s = student.detach().clone().requires_grad_(True)
+    t = teacher.detach().clone().requires_grad_(teacher_grad)
+    s_ref = student.detach().double().requires_grad_(True)
+    t_ref = teacher.detach().double().requires_grad_(teacher_grad)
+    s_before, t_before = s.detach().clone(), t.detach().clone()
+
+    out = kd_loss(s, t, target, backend=backend, teacher_grad=teacher_grad, **options)
+    ref = kd_loss_reference(s_ref, t_ref, target, teacher_grad=teacher_grad, **options)
+    assert out.dtype == torch.float32, f"loss dtype {out.dtype}"
+    rtol, atol = LOSS_TOL[student.dtype]
+    assert_close(out, ref, rtol, atol * max(1.0, ref.detach().abs().max().item()), "loss")
+
+    upstream = torch.randn(ref.shape, dtype=torch.float64, device=ref.device) if grad_output else torch.ones_like(ref)
+    (out * upstream.float()).sum().backward()
+    (ref * upstream).sum().backward()
+    rtol, atol = GRAD_TOL[student.dtype]
+    g_scale = max(s_ref.grad.abs().max().item(), 1e-30)
+    assert s.grad.dtype == student.dtype and s.grad.shape == student.shape
+    assert_close(s.grad, s_ref.grad, rtol, atol * g_scale, "student grad")
+    if teacher_grad:
+        t_scale = max(t_ref.grad.abs().max().item(), 1e-30)
+        assert t.grad.dtype == teacher.dtype and t.grad.shape == teacher.shape
+        rtol_t, atol_t = GRAD_TOL[teacher.dtype]
+        assert_close(t.grad, t_ref.grad, rtol_t, atol_t * t_scale, "teacher grad")
+    else:
+        assert t.grad is None
+    # The caller's logits are never overwritten.
+    assert torch.equal(s.detach(), s_before) and torch.equal(t.detach(), t_before)
+    return out, ref

@@ -1,0 +1,248 @@
+"""Bad input, empty and degenerate problems, non-finite values, extreme logits, torch.compile, launch budget."""
+
+import re
+
+import pytest
+import torch
+from helpers import DEVICE, assert_close, make_logits, make_target
+
+from spacedkd_fast import KDLoss, kd_loss, kd_loss_reference
+
+CPU_BACKENDS = ["torch", "cpp"] if DEVICE == "cpu" else ["torch"]
+BACKENDS = [pytest.param(b) for b in CPU_BACKENDS] + [pytest.param("triton", marks=pytest.mark.triton)]
+
+
+# ---- bad input: clear errors naming the argument --------------------------------------------------------------
+
+def _args(n=4, v=10):
+    return make_logits(n, v), make_logits(n, v), make_target(n, v, ignore_every=0)
+
+
+@pytest.mark.parametrize(
+    "change, error, pattern",
+    [
+        (dict(student_logits=make_logits(4, 11)), ValueError,
+         r"student_logits shape \(4, 11\) does not match teacher_logits shape \(4, 10\)"),
+        (dict(teacher_logits=make_logits(3, 10)), ValueError, r"\(4, 10\).*\(3, 10\)"),
+        (dict(student_logits=torch.ones(4, 10, dtype=torch.long)), TypeError, "student_logits must be a floating"),
+        (dict(teacher_logits=torch.ones(4, 10, dtype=torch.int32)), TypeError, "teacher_logits must be a floating"),
+        (dict(student_logits=[[1.0]]), TypeError, "student_logits must be a torch.Tensor"),
+        (dict(target=torch.zeros(4)), TypeError, "target must be an integer tensor"),
+        (dict(target=torch.zeros(4, dtype=torch.bool)), TypeError, "target must be an integer tensor"),
+        (dict(target=torch.zeros(5, dtype=torch.long)), ValueError, r"target shape \(5,\) does not match"),
+        (dict(target=torch.tensor([0, 1, 10, 2])), ValueError, r"outside \[0, 10\).*\[10\]"),
+        (dict(target=torch.tensor([0, -1, 3, 2])), ValueError, r"outside \[0, 10\).*\[-1\]"),
+        (dict(temperature=0.0), ValueError, r"temperature must be in \(0, inf\), got 0.0"),
+        (dict(temperature=-1), ValueError, "temperature must be in"),
+        (dict(temperature=float("nan")), ValueError, "temperature must be in"),
+        (dict(temperature="2"), TypeError, "temperature must be a real number"),
+        (dict(alpha=1.5), ValueError, r"alpha must be in \[0, 1\], got 1.5"),
+        (dict(alpha=-0.1), ValueError, "alpha must be in"),
+        (dict(label_smoothing=1.0), ValueError, r"label_smoothing must be in \[0, 1\), got 1.0"),
+        (dict(reduction="batchmean"), ValueError, r"reduction must be one of \('mean', 'sum', 'none'\)"),
+        (dict(backend="cuda"), ValueError, r"backend must be one of \('auto', 'triton', 'cpp', 'torch'\)"),
+        (dict(ignore_index=1.0), TypeError, "ignore_index must be an int"),
+    ],
+)
+def test_bad_input_names_the_argument(change, error, pattern):
+    s, t, y = _args()
+    kwargs = dict(student_logits=s, teacher_logits=t, target=y)
+    kwargs.update(change)
+    with pytest.raises(error, match=pattern):
+        kd_loss(**kwargs)
+
+
+def test_error_loses_nothing():
+    s, t, y = _args()
+    s.requires_grad_(True)
+    before = s.detach().clone()
+    with pytest.raises(ValueError):
+        kd_loss(s, t, y, alpha=2.0)
+    assert torch.equal(s.detach(), before) and s.grad is None
+
+
+def test_module_checks_at_construction():
+    with pytest.raises(ValueError, match="temperature"):
+        KDLoss(temperature=0)
+    with pytest.raises(ValueError, match="backend"):
+        KDLoss(backend="fast")
+    loss_fn = KDLoss(temperature=2.0, alpha=0.25)
+    s, t, y = _args()
+    assert "temperature=2.0" in repr(loss_fn)
+    torch.testing.assert_close(loss_fn(s, t, y), kd_loss(s, t, y, temperature=2.0, alpha=0.25))
+
+
+def test_unavailable_backend_says_why():
+    s, t, y = _args()
+    if DEVICE == "cpu":
+        with pytest.raises(RuntimeError, match="backend='triton'"):
+            import os
+            if os.environ.get("TRITON_INTERPRET") == "1":
+                pytest.skip("the interpreter runs Triton on CPU tensors")
+            kd_loss(s, t, y, backend="triton")
+    with pytest.raises(ValueError, match="float64"):
+        kd_loss(s.double(), t.double(), y, backend="cpp")
+
+
+# ---- empty and degenerate problems: loss 0, zero gradient, never NaN ------------------------------------------
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend, reduction):
+    s = make_logits(0, 10).requires_grad_(True)
+    t = make_logits(0, 10)
+    out = kd_loss(s, t, torch.zeros(0, dtype=torch.long, device=DEVICE), backend=backend, reduction=reduction)
+    assert out.shape == ((0,) if reduction == "none" else ())
+    out.sum().backward()
+    assert torch.equal(s.grad, torch.zeros_like(s))
+    if reduction != "none":
+        assert out.item() == 0.0
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_rows_ignored(backend, reduction):
+    s = make_logits(6, 30).requires_grad_(True)
+    t = make_logits(6, 30).requires_grad_(True)
+    y = torch.full((6,), -100, device=DEVICE)
+    out = kd_loss(s, t, y, backend=backend, reduction=reduction, teacher_grad=True)
+    out.sum().backward()
+    assert torch.equal(out, torch.zeros_like(out))
+    assert torch.equal(s.grad, torch.zeros_like(s)) and torch.equal(t.grad, torch.zeros_like(t))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_custom_ignore_index(backend):
+    s, t = make_logits(8, 20), make_logits(8, 20)
+    y = make_target(8, 20, ignore_every=3, ignore_index=7)
+    y[1] = 5
+    out = kd_loss(s, t, y, ignore_index=7, backend=backend, reduction="none")
+    ref = kd_loss_reference(s.double(), t.double(), y, ignore_index=7, reduction="none")
+    assert_close(out, ref, 2e-5, 2e-5, "loss")
+    assert (out[y == 7] == 0).all()
+
+
+# ---- non-finite inputs propagate; huge logits stay accurate ---------------------------------------------------
+
+@pytest.mark.parametrize("where", ["student_nan", "teacher_nan", "student_inf", "teacher_inf"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_and_inf_propagate(backend, where):
+    s, t, y = make_logits(5, 40), make_logits(5, 40), make_target(5, 40, ignore_every=0)
+    value = float("nan") if where.endswith("nan") else float("inf")
+    (s if where.startswith("student") else t)[2, 7] = value
+    s.requires_grad_(True)
+    rows = kd_loss(s, t, y, backend=backend, reduction="none", temperature=2.0)
+    assert not torch.isfinite(rows[2]), "the poisoned row must not look finite"
+    assert torch.isfinite(rows[[0, 1, 3, 4]]).all(), "other rows are unaffected"
+    assert not torch.isfinite(kd_loss(s, t, y, backend=backend)), "the mean carries it"
+    rows.sum().backward()
+    assert not torch.isfinite(s.grad[2]).all()
+    assert torch.isfinite(s.grad[[0, 1, 3, 4]]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_teacher_probability_is_finite(backend):
+    s, t, y = make_logits(5, 40), make_logits(5, 40), make_target(5, 40, ignore_every=0)
+    t[:, :5] = float("-inf")
+    s.requires_grad_(True)
+    out = kd_loss(s, t, y, backend=backend, temperature=2.0, teacher_grad=False)
+    out.backward()
+    ref = kd_loss_reference(s.detach().double(), t.double(), y, temperature=2.0)
+    assert torch.isfinite(out) and torch.isfinite(s.grad).all()
+    assert_close(out, ref, 2e-5, 2e-5, "loss")
+
+
+@pytest.mark.parametrize("close_teacher", [False, True], ids=["random_teacher", "shifted_student"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_huge_logits_small_temperature(backend, close_teacher):
+    """Logits of magnitude 1e4 at T = 0.05 stay finite and accurate, also when KL is tiny (student ≈ teacher + c)."""
+    n, v = 16, 300
+    t = make_logits(n, v, scale=1e4)
+    s = (t.double() + 5e3 + torch.randn(n, v, dtype=torch.float64, device=DEVICE) * 1e-3).float() if close_teacher \
+        else make_logits(n, v, scale=1e4)
+    y = make_target(n, v, ignore_every=0)
+    s.requires_grad_(True)
+    options = dict(temperature=0.05, alpha=0.5, reduction="none")
+    rows = kd_loss(s, t, y, backend=backend, **options)
+    rows.sum().backward()
+    s64 = s.detach().double().requires_grad_(True)
+    ref = kd_loss_reference(s64, t.double(), y, **options)
+    ref.sum().backward()
+    assert torch.isfinite(rows).all() and torch.isfinite(s.grad).all()
+    kl_rows = kd_loss(s, t, None, backend=backend, temperature=0.05, reduction="none")
+    kl_ref = kd_loss_reference(s64.detach(), t.double(), None, temperature=0.05, reduction="none")
+    # The KL term alone, scaled back by 1/T², in nats: fp32-relative where KL is large (random teacher, ~1e5 nats),
+    # within 0.05 nat where it is tiny (the student equals the teacher up to a shift and 1e-3 noise).
+    kl_err = (kl_rows.double() - kl_ref).abs() / 0.05**2
+    assert (kl_err <= 1e-5 * kl_ref.abs() / 0.05**2 + 5e-2).all(), kl_err.max()
+    assert_close(rows, ref, 1e-5, 1e-2, "loss")
+    assert_close(s.grad, s64.grad, 1e-4, 1e-4, "student grad")
+
+
+# ---- torch.compile -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph(backend):
+    torch._dynamo.reset()
+    s, t, y = make_logits(9, 70), make_logits(9, 70), make_target(9, 70)
+
+    def step(student, teacher, target):
+        return kd_loss(student, teacher, target, temperature=2.0, alpha=0.3, backend=backend) * 2.0 + 1.0
+
+    compiled = torch.compile(step, fullgraph=True)
+    x1, x2 = s.clone().requires_grad_(True), s.clone().requires_grad_(True)
+    out_c, out_e = compiled(x1, t, y), step(x2, t, y)
+    out_c.backward()
+    out_e.backward()
+    torch.testing.assert_close(out_c, out_e)
+    torch.testing.assert_close(x1.grad, x2.grad)
+
+
+# ---- launch budget at N = 1024, V = 100: one kernel forward, one multiply backward ----------------------------
+
+@pytest.mark.triton
+def test_small_problem_launch_budget(monkeypatch):
+    """Counts Triton launches and every ATen op that computes (allocations excluded) in forward + backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from spacedkd_fast.kernels import kd_loss as kd_kernels
+
+    launches = []
+    original = kd_kernels._kd_loss_fwd_kernel.run
+
+    def counting_run(*args, **kwargs):
+        launches.append("kd_loss_fwd")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(kd_kernels._kd_loss_fwd_kernel, "run", counting_run)
+    # On CPU tensors the label range check runs (it is free there); on CUDA it is off, as it would cost a sync.
+    if DEVICE == "cpu":
+        from spacedkd_fast.loss import args
+
+        monkeypatch.setattr(args, "_check_target_values", lambda *a: None)
+
+    allocation = re.compile(r"aten\.(empty|empty_strided|new_empty|as_strided|view|reshape|_unsafe_view|detach|"
+                            r"alias|expand|squeeze|unsqueeze|t|select|slice)\b")
+
+    class OpCounter(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func)
+            if not allocation.match(name) and "kd_loss_fused" not in name:
+                self.ops.append(name)
+            return func(*args, **(kwargs or {}))
+
+    s = make_logits(1024, 100).requires_grad_(True)
+    t, y = make_logits(1024, 100), make_target(1024, 100)
+    with OpCounter() as fwd:
+        loss = kd_loss(s, t, y, temperature=2.0, alpha=0.3, backend="triton")
+    with OpCounter() as bwd:
+        loss.backward()
+    compute_ops = [op for op in bwd.ops if not op.startswith("aten.ones_like")]  # autograd's own seed
+    assert launches == ["kd_loss_fwd"] and fwd.ops == [], (launches, fwd.ops)
+    assert compute_ops == ["aten.mul.Tensor"], compute_ops
+    ref = kd_loss_reference(s.detach().double(), t.double(), y, temperature=2.0, alpha=0.3)
+    assert_close(loss, ref, 2e-5, 2e-5, "loss")
