@@ -15,17 +15,14 @@ The Triton sources in ``kernels/`` install as ``spacedkd_fast.kernels``, never a
 import os
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 MODE = os.environ.get("SPACEDKD_BUILD_EXT", "auto").strip().lower()
 if MODE not in ("auto", "0", "1"):
     sys.exit(f"SPACEDKD_BUILD_EXT must be auto, 0 or 1; got {MODE!r}")
 
-PACKAGES = [
-    "spacedkd_fast",
-    "spacedkd_fast.loss",
-    "spacedkd_fast.kernels",
-]
+# Listed explicitly (setuptools' auto-discovery misbehaves with the kernels/ remapping in editable installs).
+PACKAGES = find_packages(include=["spacedkd_fast", "spacedkd_fast.*"]) + ["spacedkd_fast.kernels"]
 
 
 def _say(message: str) -> None:

@@ -64,23 +64,27 @@ def measure(benchmark, request):
     """Time ``fn`` (device-synchronized), record throughput, and return the median seconds."""
     max_time = request.config.getoption("--bench-max-time")
 
-    def run(fn, *, group: str, provider: str, baseline: str | None = None, bytes_moved: float | None = None,
-            items: float | None = None, items_unit: str = "items", warmup: int = 3, info: dict | None = None):
-        for _ in range(warmup):  # compile, autotune, allocator warm-up
-            fn()
-        _sync()
-        start = time.perf_counter()
-        fn()
-        _sync()
-        once = max(time.perf_counter() - start, 1e-6)
-        rounds = int(min(max(max_time / once, 5), 1000))
+    def run(fn, *, group: str, provider: str, baseline: str | tuple[str, ...] | None = None,
+            bytes_moved: float | None = None, items: float | None = None, items_unit: str = "items",
+            warmup: int = 3, info: dict | None = None, setup=None, rounds: int | None = None):
+        """``setup`` (optional) builds fresh arguments for each round, untimed: ``fn(*setup())``."""
+        make_args = setup or (lambda: ())
 
-        def timed():
-            fn()
+        def timed(*args):
+            fn(*args)
             _sync()
 
+        if rounds is None:
+            for _ in range(warmup):  # compile, autotune, allocator warm-up
+                fn(*make_args())
+            _sync()
+            start = time.perf_counter()
+            timed(*make_args())
+            once = max(time.perf_counter() - start, 1e-6)
+            rounds = int(min(max(max_time / once, 5), 1000))
+            warmup = 1
         benchmark.group = group
-        benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=1)
+        benchmark.pedantic(timed, setup=lambda: (make_args(), {}), rounds=rounds, iterations=1, warmup_rounds=warmup)
         median = benchmark.stats.stats.median
         record = dict(group=group, provider=provider, baseline=baseline, median_s=median,
                       iqr_s=benchmark.stats.stats.iqr, rounds=rounds, **(info or {}))
@@ -119,9 +123,11 @@ def _add_speedups(results: list[dict]) -> None:
     for r in results:
         by_group.setdefault(r["group"], {})[r["provider"]] = r
     for r in results:
-        base = r.get("baseline") and by_group[r["group"]].get(r["baseline"])
-        if base:
-            r[f"speedup_vs_{r['baseline']}"] = base["median_s"] / r["median_s"]
+        baselines = r.get("baseline") or ()
+        for name in (baselines,) if isinstance(baselines, str) else baselines:
+            base = by_group[r["group"]].get(name)
+            if base:
+                r[f"speedup_vs_{name}"] = base["median_s"] / r["median_s"]
     copies = [r for r in results if r["provider"] == "copy"]
     if copies:
         peak = max(r["GB_per_s"] for r in copies)

@@ -439,3 +439,13 @@ def test_augment_spec_and_dataset_validation():
         ImageDataset(**{**good, "test_labels": torch.tensor([2])})
     with pytest.raises(ValueError, match="mean and std need 1 values"):
         ImageDataset(**{**good, "mean": (0.0, 0.0)})
+
+
+def test_synthetic_dataset_is_cifar_shaped_noise():
+    from spacedkd_fast.data import load_dataset
+
+    a, b = load_dataset("synthetic"), load_dataset("synthetic", image_size=16)
+    assert a.train_images.shape == (50_000, 3, 32, 32) and a.test_images.shape == (1_000, 3, 32, 32)
+    assert b.train_images.shape[-1] == 16 and a.num_classes == 10
+    assert torch.equal(a.train_labels, load_dataset("synthetic").train_labels)  # fixed seed
+    assert abs(a.train_images.float().mean().item() / 255 - a.mean[0]) < 1e-2

@@ -15,6 +15,8 @@ Datasets (``name``: what ``data_dir`` must hold):
 * ``"tiny-imagenet"``: the official ``tiny-imagenet-200/`` folder; its val split is the test split.
 * ``"imagefolder"``: ``root/train/<class>/*`` and ``root/val/<class>/*`` (or ``test/``), e.g. ImageNet; decoded
   at ``image_size`` (shorter side resized, then centre-cropped square).
+* ``"synthetic"``: no ``data_dir``. Uniform random uint8 images, CIFAR-shaped (50,000 train / 1,000 test,
+  3×S×S with S = ``image_size`` or 32, 10 classes). Noise, not learnable: for throughput benchmarks only.
 
 ``data_dir`` may point at the dataset folder itself or at its parent. A wrong layout raises an error that lists
 the expected files and folders and what was found; an undecodable file raises an error naming the file.
@@ -47,7 +49,8 @@ from torch import Tensor
 
 __all__ = ["DATASET_NAMES", "AugmentSpec", "ImageDataset", "load_dataset"]
 
-DATASET_NAMES: tuple[str, ...] = ("embedded", "cifar10", "cifar100", "tiny-imagenet", "imagefolder")
+DATASET_NAMES: tuple[str, ...] = ("embedded", "cifar10", "cifar100", "tiny-imagenet", "imagefolder", "synthetic")
+SYNTHETIC_TRAIN, SYNTHETIC_TEST = 50_000, 1_000
 
 # Decoded datasets live in host memory; beyond this the machine is likely to swap or be killed, and folders of
 # that size are what the streaming (DALI) pipeline is for.
@@ -191,6 +194,8 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, image_
     if canonical == "embedded":
         _check_fixed_size(canonical, image_size, 32)
         return _load_embedded()
+    if canonical == "synthetic":
+        return _load_synthetic(image_size or 32)
     layout = {"cifar10": CIFAR10_LAYOUT, "cifar100": CIFAR100_LAYOUT, "tiny-imagenet": TINY_IMAGENET_LAYOUT,
               "imagefolder": IMAGEFOLDER_LAYOUT}[canonical]
     if data_dir is None:
@@ -209,6 +214,20 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, image_
 
 
 # ---- shared helpers ----------------------------------------------------------------------------------------------
+
+def _load_synthetic(size: int) -> ImageDataset:
+    """Random CIFAR-shaped data for throughput benchmarks (fixed seed; mean/std of uniform bytes)."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (SYNTHETIC_TRAIN + SYNTHETIC_TEST, 3, size, size), generator=g, dtype=torch.uint8)
+    labels = torch.randint(0, 10, (SYNTHETIC_TRAIN + SYNTHETIC_TEST,), generator=g)
+    mean, std = (127.5 / 255,) * 3, ((256**2 - 1) / 12) ** 0.5 / 255
+    train, test = slice(0, SYNTHETIC_TRAIN), slice(SYNTHETIC_TRAIN, None)
+    return ImageDataset(name="synthetic", train_images=images[train].contiguous(),
+                        train_labels=labels[train].contiguous(), test_images=images[test].contiguous(),
+                        test_labels=labels[test].contiguous(), num_classes=10, mean=mean, std=(std,) * 3,
+                        augment=AugmentSpec(pad=4, flip=True, rotate_degrees=15),
+                        classes=tuple(str(c) for c in range(10)))
+
 
 def _check_fixed_size(name: str, image_size: int | None, native: int) -> None:
     if image_size is not None and image_size != native:
