@@ -212,3 +212,9 @@ def test_bad_input_is_rejected_with_a_clear_message(extra, error, message):
 def test_bad_config_values(field, value, message):
     with pytest.raises(ValueError, match=message):
         tiny(**{field: value})
+
+
+@pytest.mark.slow
+def test_torch_compile_option_trains(tmp_path):
+    trainer = run(tiny(compile=True, subset=128, epochs=1, space=0.5, out=str(tmp_path)))
+    assert trainer.history[-1]["student_acc"] is not None and trainer.student.steps == 4
