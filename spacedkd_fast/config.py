@@ -70,6 +70,7 @@ class TrainConfig:
     weight_decay: float = _f(5e-4, "weight decay (decoupled for AdamW)", metavar="WD")
     lr_schedule: str = _f("cosine", "learning-rate schedule over the batch's epoch position", choices=LR_SCHEDULES)
     warmup_epochs: float = _f(0.0, "linear warm-up from 0 over this many epochs", metavar="EPOCHS")
+    min_lr: float = _f(0.0, "learning rate the cosine schedule ends at", metavar="LR")
     lr_milestones: tuple[int, ...] = _f((), "epochs at which 'step' multiplies the lr by --lr-gamma",
                                         flag_type=int, metavar="EPOCH")
     lr_gamma: float = _f(0.1, "'step' schedule factor", metavar="GAMMA")
@@ -94,8 +95,19 @@ class TrainConfig:
     compile: bool = _f(False, "torch.compile the networks")
     overlap: bool | None = _f(None, "train the teacher's next block on one CUDA stream while the student replays "
                                     "the previous one on another (default: on with CUDA, off on CPU)")
-    window_storage: str = _f("device", "where the replay window lives: device (uint8 ring on the training device) "
-                                       "or host (the official code's style: float batches in host memory)",
+    data_backend: str = _f("auto", "batch augmentation: torch (on the training device), dali (the same graph in "
+                                   "NVIDIA DALI, GPU or CPU), auto (DALI on a GPU when installed, else torch)",
+                           choices=("auto", "torch", "dali"))
+    prefetch: int | None = _f(None, "teacher batches rendered ahead on a background thread/stream (default: 2 on "
+                                    "CUDA, 0 on CPU)", metavar="N")
+    window_budget: float | None = _f(None, "GB of device memory for the replay window; beyond it batches spill to "
+                                           "pinned host memory (default: 25%% of free device memory)",
+                                     metavar="GB")
+    host_budget: float | None = _f(None, "GB of host memory for spilled batches; beyond it batches are regenerated "
+                                         "from their plans (default: 25%% of available host memory with CUDA, "
+                                         "0 on CPU)", metavar="GB")
+    window_storage: str = _f("device", "device: the tiered window above; host: the official code's style "
+                                       "(blocking copies to and from unpinned host memory; a benchmark baseline)",
                              choices=("device", "host"))
     seed: int = _f(0, "seed of initialization and of the data order/augmentation", metavar="N")
     threads: int | None = _f(None, "CPU threads for torch (default: torch's choice)", metavar="N")
@@ -106,7 +118,8 @@ class TrainConfig:
     trace_batches: bool = _f(False, "write batches.jsonl: one record per optimizer step with the sha1 of its batch")
     progress: bool = _f(True, "show a progress bar")
     recipe: str | None = _f(None, "apply a named recipe before the explicit flags (paper: the official online-CNN "
-                                  "hyperparameters and loss quirks)", choices=("paper",))
+                                  "hyperparameters and loss quirks; paper-vit: the official DeiT-Ti setup)",
+                            choices=("paper", "paper-vit"))
 
     # -------------------------------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
@@ -117,6 +130,11 @@ class TrainConfig:
             bad("space", "a finite number of epochs >= 0")
         if self.subset is not None and self.subset < 2:
             bad("subset", ">= 2 images")
+        for name in ("window_budget", "host_budget"):
+            if getattr(self, name) is not None and not getattr(self, name) >= 0:
+                bad(name, ">= 0 (GB)")
+        if self.prefetch is not None and self.prefetch < 0:
+            bad("prefetch", ">= 0")
         for name in ("epochs", "batch_size", "eval_batch_size"):
             if getattr(self, name) < 1:
                 bad(name, ">= 1")
@@ -124,6 +142,8 @@ class TrainConfig:
             bad("start_epoch", f"in [0, epochs={self.epochs}]")
         if not self.lr > 0:
             bad("lr", "> 0")
+        if not 0 <= self.min_lr <= self.lr:
+            bad("min_lr", f"in [0, lr={self.lr}]")
         if not 0 <= self.alpha <= 1:
             bad("alpha", "in [0, 1]")
         if not self.temperature > 0:
@@ -179,11 +199,21 @@ RECIPES: dict[str, dict[str, Any]] = {
                   optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4, lr_schedule="constant",
                   warmup_epochs=0.0, alpha=0.3, temperature=3.0, beta=0.03, kd_objective="paper",
                   replay_tail=False, teacher_bn="train"),
+    # The official ViT code (vit/configs/deit/*_space_*.yaml): DeiT-Ti teacher and DeiT-Ti student with a
+    # distillation token, AdamW lr 5e-4 (batch 128) and weight decay 0.05, cosine to 5e-6 after a 20-epoch warm-up,
+    # 300 epochs, DeiT loss 0.5·CE + 0.5·KD at T = 1 with KL_sum/(B·C) normalization, DropPath 0.1, teacher in train
+    # mode during replay. Differences, documented: 32-px ViTs (patch 4) instead of CIFAR upsampled to 224 px; our
+    # crop/flip/rotation augmentation instead of RandAugment + random erasing; exact replay (the official code
+    # re-draws augmentations in a second loader); one AdamW per network (the official code shares one).
+    "paper-vit": dict(mode="online", space=1.0, teacher_model="vit_tiny_32", student_model="vit_tiny_32_distilled",
+                      dataset="cifar100", epochs=300, batch_size=128, optimizer="adamw", lr=5e-4, weight_decay=0.05,
+                      lr_schedule="cosine", warmup_epochs=20.0, min_lr=5e-6, alpha=0.5, temperature=1.0, beta=0.0,
+                      kd_objective="paper", teacher_bn="train"),
 }
 
 # Fields whose value differs between two configs without making a resume incompatible.
 RESUME_MUTABLE = {"resume", "out", "progress", "device", "threads", "trace_batches", "overlap", "eval_batch_size",
-                  "compile", "recipe"}
+                  "compile", "recipe", "prefetch", "window_budget", "host_budget", "window_storage"}
 
 
 def config_fields() -> tuple[dataclasses.Field, ...]:

@@ -30,10 +30,12 @@ GROUPS = {
     "what to train": ("mode", "space", "start_epoch", "replay_tail", "model", "teacher_model", "student_model"),
     "data": ("dataset", "data_dir", "image_size", "subset", "epochs", "batch_size", "eval_batch_size"),
     "optimization (each network has its own optimizer)": (
-        "optimizer", "lr", "momentum", "weight_decay", "lr_schedule", "warmup_epochs", "lr_milestones", "lr_gamma"),
+        "optimizer", "lr", "momentum", "weight_decay", "lr_schedule", "warmup_epochs", "min_lr", "lr_milestones",
+        "lr_gamma"),
     "distillation": ("alpha", "temperature", "beta", "label_smoothing", "kd_objective", "teacher_bn",
                      "self_kd_weight"),
-    "execution": ("device", "precision", "channels_last", "compile", "overlap", "window_storage", "seed", "threads"),
+    "execution": ("device", "precision", "channels_last", "compile", "overlap", "seed", "threads"),
+    "data path": ("data_backend", "prefetch", "window_budget", "host_budget", "window_storage"),
     "outputs": ("out", "resume", "trace_batches", "progress", "recipe"),
 }
 

@@ -88,8 +88,10 @@ def test_space_zero_is_online_kd(tmp_path):
 
 # ---- the math does not depend on the interleaving ---------------------------------------------------------------
 
-@pytest.mark.parametrize("extra", [dict(space=0.75), dict(space=0.5, start_epoch=1), dict(space=0.75, beta=0.03)],
-                         ids=["tail", "online_then_spaced", "feature_term"])
+@pytest.mark.parametrize("extra", [dict(space=0.75), dict(space=0.5, start_epoch=1), dict(space=0.75, beta=0.03),
+                                   dict(space=0.75, teacher_model="vit_tiny_32", student_model="vit_micro_32_distilled",
+                                        subset=64, epochs=1, optimizer="adamw", lr=1e-3)],
+                         ids=["tail", "online_then_spaced", "feature_term", "vit_droppath"])
 def test_overlapped_order_gives_the_sequential_weights(extra):
     sequential = run(tiny(overlap=False, **extra))
     interleaved = run(tiny(overlap=True, **extra))
@@ -145,8 +147,10 @@ def test_resume_with_a_different_config_names_the_fields(tmp_path):
     dict(precision="bf16", channels_last=True),
     dict(window_storage="host"),
     dict(optimizer="adamw", lr=2e-3, lr_schedule="step", lr_milestones=(1,), warmup_epochs=0.5),
+    dict(teacher_model="vit_micro_32", student_model="vit_micro_32_distilled", optimizer="adamw", lr=1e-3,
+         alpha=0.5, temperature=1.0, kd_objective="paper", min_lr=1e-5, warmup_epochs=0.5),
 ], ids=["base", "offline", "self_s0", "self_spaced", "paper_quirks", "eval_bn_other_arch", "bf16_cl", "host_window",
-        "adamw_step"])
+        "adamw_step", "deit_vit"])
 def test_modes_train_and_record_every_epoch(tmp_path, extra):
     trainer = run(tiny(out=str(tmp_path), **extra))
     records = read_jsonl(tmp_path / "metrics.jsonl")
@@ -167,7 +171,7 @@ def test_outputs(tmp_path):
     trainer = run(tiny(out=str(tmp_path), space=0.5))
     assert TrainConfig.from_dict(json.loads((tmp_path / "config.json").read_text())) == trainer.cfg
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    state = torch.load(tmp_path / "last.pt", weights_only=False)
+    state = torch.load(tmp_path / "last.pt", weights_only=True)
     assert state["position"]["t_iter"] == 16 and state["config"] == trainer.cfg.to_dict()
     record = read_jsonl(tmp_path / "metrics.jsonl")[0]
     for key in ("epoch", "teacher_acc", "student_acc", "teacher_loss", "student_loss", "lr_teacher", "lr_student",
@@ -194,6 +198,7 @@ def test_the_default_run_reaches_90_percent_in_five_minutes():
     (dict(batch_size=512), ValueError, "larger than the training set"),
     (dict(mode="self", model="resnet8"), ValueError, "needs a multi-exit model"),
     (dict(model="byot_resnet10"), ValueError, "needs single-exit models"),
+    (dict(model="vit_micro_32_distilled"), ValueError, "has a distillation token"),
     (dict(device="tpu"), ValueError, "--device must be"),
     (dict(subset=10**6), ValueError, "--subset .* larger than the training set"),
 ])
@@ -218,3 +223,46 @@ def test_bad_config_values(field, value, message):
 def test_torch_compile_option_trains(tmp_path):
     trainer = run(tiny(compile=True, subset=128, epochs=1, space=0.5, out=str(tmp_path)))
     assert trainer.history[-1]["student_acc"] is not None and trainer.student.steps == 4
+
+
+# ---- replay window tiers and prefetching ------------------------------------------------------------------------
+
+TIER_BUDGETS = {
+    "device": dict(window_budget=None, host_budget=None),
+    "host": dict(window_budget=0.0, host_budget=1.0),
+    "regenerate": dict(window_budget=0.0, host_budget=0.0),
+    "mixed": dict(window_budget=3 * 32 * (1024 + 8) / 1e9, host_budget=2 * 32 * (1024 + 8) / 1e9),
+}
+
+
+def test_every_window_tier_replays_identical_batches(tmp_path):
+    """Device ring, host ring, regeneration from plans (and a mix): the same batch hashes and weights."""
+    traces, finals = {}, {}
+    for name, budgets in TIER_BUDGETS.items():
+        out = tmp_path / name
+        trainer = run(tiny(space=0.75, trace_batches=True, out=str(out), **budgets))
+        tiers = trainer.window.tiers
+        expected = {"device": (6, 0, 0), "host": (0, 6, 0), "regenerate": (0, 0, 6), "mixed": (3, 2, 1)}[name]
+        assert (tiers.device, tiers.host, tiers.regenerate) == expected, (name, tiers)
+        traces[name] = (out / "batches.jsonl").read_text()
+        finals[name] = weights(trainer)
+    for name in ("host", "regenerate", "mixed"):
+        assert traces[name] == traces["device"], name
+        assert_bit_identical(finals["device"], finals[name])
+
+
+@pytest.mark.parametrize("extra", [dict(prefetch=2), dict(prefetch=3, overlap=True, window_budget=0.0,
+                                                          host_budget=0.0)], ids=["prefetch", "prefetch_regen"])
+def test_prefetching_changes_nothing(extra):
+    assert_bit_identical(weights(run(tiny(space=0.75, prefetch=0))), weights(run(tiny(space=0.75, **extra))))
+
+
+def test_resume_across_tiers(tmp_path):
+    """A run saved with a regenerate-tier window resumes with everything on the device, bit-identically."""
+    reference = run(tiny(space=0.75))
+    out = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted):
+        run(tiny(space=0.75, out=str(out), window_budget=0.0, host_budget=0.0), stop_after=5)
+    resumed = run(tiny(space=0.75, out=str(out), resume=str(out)))
+    assert resumed.window.tiers.regenerate == 0
+    assert_bit_identical(weights(reference), weights(resumed))

@@ -13,12 +13,16 @@ from torchvision.models.resnet import ResNet
 
 from spacedkd_fast.models import MODEL_NAMES, build_model, is_multi_exit
 from spacedkd_fast.models.resnet_cifar import Bottleneck, CifarResNet
+from spacedkd_fast.models.vit import VIT_LAYOUTS
 
 EXPECTED_NAMES = (
     "byot_resnet10", "byot_resnet101", "byot_resnet18", "byot_resnet34", "byot_resnet50",
+    "deit_tiny", "deit_tiny_distilled",
     "imagenet_resnet101", "imagenet_resnet18", "imagenet_resnet34", "imagenet_resnet50",
     "resnet101", "resnet18", "resnet20", "resnet34", "resnet50", "resnet8",
+    "vit_micro_32", "vit_micro_32_distilled", "vit_tiny_32", "vit_tiny_32_distilled",
 )
+CNN_NAMES = tuple(name for name in MODEL_NAMES if name not in VIT_LAYOUTS)  # the ViTs are tested in test_vit.py
 # Feature size of each family's last stage.
 FEATURE_DIM = {
     "resnet8": 64, "resnet20": 64, "resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048,
@@ -95,9 +99,9 @@ def test_edge_values_are_accepted():
     assert build_model("resnet8", num_classes=np.int64(3), image_size=np.int32(8)).fc.out_features == 3
 
 
-# ---- contracts: shapes, attributes, forward_features consistency (every registered model) ---------------------
+# ---- contracts: shapes, attributes, forward_features consistency (every registered CNN) -----------------------
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", CNN_NAMES)
 def test_contract(name):
     num_classes, batch = 7, 2
     model = build_model(name, num_classes=num_classes, image_size=_side(name)).eval()

@@ -25,7 +25,7 @@ def cli(*args, timeout=300, env=None) -> subprocess.CompletedProcess:
 def test_help_reads_well():
     result = cli("--help")
     assert result.returncode == 0
-    for text in ("what to train", "distillation", "--space S", "--no-overlap", "--recipe {paper}", "--resume",
+    for text in ("what to train", "distillation", "--space S", "--no-overlap", "--recipe {paper,paper-vit}", "--resume",
                  "--trace-batches", "online KD (default: 1.0)", "Precedence", "byot_resnet10"):
         assert text in result.stdout, text
 
@@ -72,7 +72,7 @@ def test_bad_flag_value_is_an_argparse_error():
 
 
 def _final_weights(folder):
-    state = torch.load(folder / "last.pt", weights_only=False)
+    state = torch.load(folder / "last.pt", weights_only=True)
     return state["roles"]["student"]["model"], state["roles"]["teacher"]["model"]
 
 
@@ -94,7 +94,7 @@ def test_sigterm_writes_a_checkpoint_and_resume_finishes_bit_identically(tmp_pat
     _, stderr = proc.communicate(timeout=240)
     assert proc.returncode == 130, stderr
     assert "stopped by SIGTERM" in stderr and "--resume" in stderr
-    stopped_at = torch.load(run / "last.pt", weights_only=False)["position"]["t_iter"]
+    stopped_at = torch.load(run / "last.pt", weights_only=True)["position"]["t_iter"]
     assert 0 < stopped_at < 48
 
     resumed = cli("--resume", str(run), "--no-progress")

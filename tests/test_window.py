@@ -64,3 +64,37 @@ def test_cifar_window_at_s_1_5_fits_a_quarter_gigabyte():
     w = WindowCache(n + OVERLAP_SLACK, (3, 32, 32), 128, "meta", NORMALIZE)  # meta: sizes without memory
     assert n == 586
     assert w.nbytes <= 0.25e9, w.nbytes
+
+
+def test_tier_plan_splits_by_budget():
+    from spacedkd_fast.data.window import TierPlan
+
+    assert TierPlan.for_budget(10, 100, 350, 420) == TierPlan(3, 4, 3)
+    assert TierPlan.for_budget(10, 100, 1e9, 0) == TierPlan(10, 0, 0)
+    assert TierPlan.for_budget(10, 100, 0, 0) == TierPlan(0, 0, 10)
+    plan = TierPlan(3, 4, 3)
+    assert [plan.tier_of(s) for s in (0, 2, 3, 6, 7, 9)] == ["device", "device", "host", "host", "regenerate",
+                                                             "regenerate"]
+
+
+def test_regenerate_tier_keeps_only_plans_and_renders_on_replay():
+    """An ImageNet-shaped window in the regenerate tier: no pixels held, ≤ 64 bytes per sample."""
+    from spacedkd_fast.data.pipeline import BatchPlan
+    from spacedkd_fast.data.window import TierPlan
+
+    rendered = []
+
+    def regenerate(plan):
+        rendered.append(plan.iteration)
+        return _batch(plan.iteration, b=plan.indices.numel())
+
+    w = WindowCache(4, (3, 224, 224), 256, "cpu", NORMALIZE, tiers=TierPlan(0, 0, 4), regenerate=regenerate)
+    for i in range(4):
+        w.put(i, torch.empty(0), torch.empty(0), plan=BatchPlan(i, torch.arange(256), 1000 + i))
+    assert w.nbytes == 0
+    assert w.host_nbytes / (4 * 256) <= 64, w.host_nbytes
+    images, labels = w.raw(2)
+    assert rendered == [2] and torch.equal(images, _batch(2, b=256)[0])
+    with pytest.raises(ValueError, match="no plan was given"):
+        w.release(0)
+        w.put(4, *_batch(4))

@@ -7,6 +7,10 @@ Public API:
     augment_batch, AugmentParams
     augment_reference_numpy         the numpy spec of that augmentation (tests compare byte for byte)
     normalize                       uint8 → (x/255 − mean)/std in the model's dtype
+
+Also (import them from their modules): pipeline (batch plans and their rendering), window (the tiered replay
+window), producer (the prefetch thread), dali (DALI renderers; DALI itself is optional), files (streamed JPEG
+folders and the random-resized-crop parameters).
 """
 
 from spacedkd_fast.data.augment import (

@@ -64,6 +64,11 @@ class AugmentParams:
         """The parameters as numpy arrays on the host, the input of :func:`augment_reference_numpy`."""
         return {k: getattr(self, k).cpu().numpy() for k in ("dy", "dx", "flip", "cos", "sin")}
 
+    def to(self, device) -> AugmentParams:
+        """The same parameters on ``device`` (parameters are drawn on the CPU so every backend gets the same)."""
+        return AugmentParams(**{k: getattr(self, k).to(device, non_blocking=True)
+                                for k in ("dy", "dx", "flip", "cos", "sin")})
+
 
 def sample_params(spec: AugmentSpec, batch: int, generator: torch.Generator, device) -> AugmentParams:
     """Draw the augmentation parameters of a batch.

@@ -1,33 +1,72 @@
-"""Deterministic training batches for the torch data path.
+"""Deterministic training batches: a *plan* per batch, rendered by a backend.
 
-``BatchSource.batch(i)`` returns the augmented uint8 batch of global iteration ``i`` and its labels, on the
-training device. It is a pure function of ``(seed, i, rank)``: the epoch's sample order comes from a generator
-seeded by ``(seed, epoch)`` and the batch's augmentation from one seeded by ``(seed, i, rank)``. Nothing carries
-over from one batch to the next, so
+``BatchSource.plan(i)`` says what global iteration ``i`` of this rank is made of: its sample indices (from the
+epoch's permutation, seeded by ``(seed, epoch)``) and its augmentation seed (``(seed, i, rank)``). A renderer turns
+a plan into the augmented uint8 batch on the training device; the augmentation parameters are drawn from the plan's
+seed on a CPU generator, so every backend (torch on CPU or CUDA, DALI on CPU or GPU) gets the same parameters.
+Nothing carries over from one batch to the next, so
 
-* the teacher and the student can be fed in any interleaving, and a resumed run continues mid-epoch from the
-  iteration counter alone (no data-loader state to save);
-* a batch can be regenerated exactly from its iteration number (the window cache's regenerate tier).
+* teacher and student can be fed in any interleaving, and a resumed run continues mid-epoch from the iteration
+  counter alone (no data-loader state to save);
+* a batch can be regenerated exactly from its plan (the replay window's regenerate tier stores only plans).
 
-The dataset's uint8 images live on the training device; cropping, flipping and rotating run there too.
+Backends (``--data-backend``): ``torch`` (the gather in :mod:`spacedkd_fast.data.augment`, on the training device)
+and ``dali`` (the same crop/flip/rotate graph in DALI, GPU or CPU; see :mod:`spacedkd_fast.data.dali`). ``auto``
+picks DALI on a GPU when it is installed, torch otherwise.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from spacedkd_fast.data.augment import augment_batch
+from spacedkd_fast import backends
+from spacedkd_fast.data.augment import apply_augment, sample_params
 from spacedkd_fast.data.datasets import ImageDataset
+
+DATA_BACKENDS = ("auto", "torch", "dali")
 
 
 def derive_seed(*parts: int | str) -> int:
     """A 63-bit seed from a tuple of ints/strings (stable across processes and platforms)."""
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Everything a batch is made of: ``indices`` (int64 (b,), CPU) into the training set and the seed of its
+    augmentation parameters."""
+
+    iteration: int
+    indices: Tensor
+    seed: int
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes to keep the plan as int32 indices plus the seed (the regenerate tier's cost)."""
+        return 4 * self.indices.numel() + 8
+
+
+def select_data_backend(requested: str, device: torch.device) -> str:
+    """Resolve ``--data-backend``: ``auto`` prefers DALI on a GPU; an explicit ``dali`` needs DALI installed."""
+    if requested not in DATA_BACKENDS:
+        raise ValueError(f"--data-backend must be one of {', '.join(DATA_BACKENDS)}, got {requested!r}")
+    if requested == "auto":
+        if device.type == "cuda" and backends.dali().available:
+            return "dali"
+        if device.type == "cuda":
+            backends.warn_once("dali", f"DALI unavailable ({backends.dali().detail}); augmenting with torch on the "
+                                       "GPU (pip install nvidia-dali-cuda130 for the DALI pipeline)")
+        return "torch"
+    if requested == "dali" and not backends.dali().available:
+        raise ValueError(f"--data-backend dali: DALI is not installed ({backends.dali().detail}); "
+                         f"pip install nvidia-dali-cuda130")
+    return requested
 
 
 class BatchSource:
@@ -39,6 +78,7 @@ class BatchSource:
         seed: run seed.
         device: training device.
         rank, world: DDP position.
+        backend: "torch" or "dali" (already resolved, see :func:`select_data_backend`).
 
     The epoch is ``ceil(N / batch_size)`` batches (the last one smaller, as the official loader's
     ``drop_last=False``), unless that last batch would leave a rank fewer than 2 samples (BatchNorm cannot train on
@@ -46,7 +86,7 @@ class BatchSource:
     """
 
     def __init__(self, dataset: ImageDataset, *, batch_size: int, seed: int, device: torch.device, rank: int = 0,
-                 world: int = 1) -> None:
+                 world: int = 1, backend: str = "torch") -> None:
         n = dataset.train_images.shape[0]
         if batch_size > n:
             raise ValueError(f"--batch-size {batch_size} is larger than the training set ({n} images of "
@@ -66,6 +106,12 @@ class BatchSource:
         self.iters_per_epoch = n // batch_size + (1 if tail and tail // world >= 2 else 0)
         self.images = dataset.train_images.to(self.device)
         self.labels = dataset.train_labels.to(self.device)
+        self.backend = backend
+        self._dali = None
+        if backend == "dali":
+            from spacedkd_fast.data.dali import DaliArrayAugmenter
+
+            self._dali = DaliArrayAugmenter(self.image_shape, self.local_batch_size(0), self.device)
         self._perm_epoch = -1
         self._perm: Tensor | None = None
 
@@ -88,25 +134,34 @@ class BatchSource:
         global_batch = self.permutation(epoch)[start:start + self.batch_size]
         return global_batch[self.rank::self.world]
 
-    def batch(self, iteration: int) -> tuple[Tensor, Tensor]:
-        """Augmented uint8 images ``(b, C, H, W)`` and int64 labels ``(b,)`` of this rank, on the device."""
-        index = self.indices(iteration).to(self.device, non_blocking=True)
-        generator = torch.Generator(device=self.device).manual_seed(derive_seed(self.seed, "augment", iteration,
-                                                                                self.rank))
-        images, _ = augment_batch(self.images.index_select(0, index), self.dataset.augment, generator)
+    def plan(self, iteration: int) -> BatchPlan:
+        return BatchPlan(iteration, self.indices(iteration), derive_seed(self.seed, "augment", iteration, self.rank))
+
+    def render(self, plan: BatchPlan) -> tuple[Tensor, Tensor]:
+        """Augmented uint8 images ``(b, C, H, W)`` and int64 labels ``(b,)`` of a plan, on the device (current
+        stream)."""
+        index = plan.indices.to(self.device, non_blocking=True)
+        params = sample_params(self.dataset.augment, plan.indices.numel(),
+                               torch.Generator().manual_seed(plan.seed), "cpu")
+        images = self.images.index_select(0, index)
+        if self._dali is not None:
+            images = self._dali(images, params)
+        elif not self.dataset.augment.is_identity:
+            images = apply_augment(images, params.to(self.device))
         return images, self.labels.index_select(0, index)
+
+    def batch(self, iteration: int) -> tuple[Tensor, Tensor]:
+        """``render(plan(iteration))``."""
+        return self.render(self.plan(iteration))
 
     def local_batch_size(self, iteration: int) -> int:
         epoch, position = divmod(iteration, self.iters_per_epoch)
         size = min(self.batch_size, self.num_samples - position * self.batch_size)
         return len(range(self.rank, size, self.world))
 
-    def epochs_for(self, iterations: int) -> float:
-        return iterations / self.iters_per_epoch
-
 
 def evaluation_batches(images: Tensor, labels: Tensor, batch_size: int, rank: int = 0, world: int = 1):
-    """This rank's shard of a test set in fixed-size chunks: yields ``(uint8 images, labels)`` CPU slices."""
+    """This rank's shard of a test set in fixed-size chunks: yields ``(uint8 images, labels)`` slices."""
     n = images.shape[0]
     shard = range(rank * math.ceil(n / world), min(n, (rank + 1) * math.ceil(n / world)))
     for start in range(shard.start, shard.stop, batch_size):

@@ -7,6 +7,10 @@
 * ``kd_objective="paper"`` reproduces the official online code's soft loss, ``KLDivLoss(batchmean)`` applied to two
   probability vectors: ``Σ p_t·(log p_t − p_s) / B``. It is not a KL (its gradient maximizes ⟨p_t, p_s⟩) and has
   no T²; it is here only to reproduce the paper's numbers.
+* Distilled ViT student (DeiT): its training output stacks the class and distillation heads ``(2, B, C)``; the loss is
+  ``(1−α)·CE(class head, y) + α·T²·KL(teacher ‖ distillation head)`` (DeiT: α = 0.5, T = 1), the KL through the fused
+  loss. With ``kd_objective="paper"`` the KL is divided by the number of classes, as DeiT's (and the official
+  Spaced-KD ViT code's) ``KL_sum / (B·C)`` normalization does.
 * Self (BYOT): during replay ``CE(z_0, y) + Σ_exits [0.7·CE(z_i, y) + 0.3·KL_T(z_i ‖ z_0)] + β·Σ ‖A_i(f_i) − f_0‖₂``
   with the shallow exits as K students of the deepest one in one multi-student kd_loss call (no T², as the
   official code); the feature term covers the two shallowest exits (the official code skips exit 3). Outside
@@ -58,8 +62,18 @@ def paper_soft_loss(student_logits: Tensor, teacher_logits: Tensor, temperature:
 def online_student_loss(cfg: TrainConfig, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor,
                         student_features: Tensor | None = None, teacher_features: Tensor | None = None,
                         projector: Projector | None = None) -> Tensor:
-    """The online/offline student's objective (fp32 scalar). Teacher tensors must already be detached."""
-    if cfg.kd_objective == "paper":
+    """The online/offline student's objective (fp32 scalar). Teacher tensors must already be detached.
+
+    ``student_logits`` is ``(B, C)``, or ``(2, B, C)`` for a distilled ViT in training mode (class head, distillation
+    head)."""
+    if student_logits.dim() == teacher_logits.dim() + 1:  # distilled ViT: DeiT's two-head objective
+        class_head, dist_head = student_logits[0], student_logits[1]
+        kl = kd_loss(dist_head, teacher_logits, None, temperature=cfg.temperature)
+        if cfg.kd_objective == "paper":
+            kl = kl / teacher_logits.shape[-1]
+        ce = F.cross_entropy(class_head.float(), labels, label_smoothing=cfg.label_smoothing)
+        loss = (1 - cfg.alpha) * ce + cfg.alpha * kl
+    elif cfg.kd_objective == "paper":
         ce = F.cross_entropy(student_logits.float(), labels, label_smoothing=cfg.label_smoothing)
         loss = (1 - cfg.alpha) * ce + cfg.alpha * paper_soft_loss(student_logits, teacher_logits, cfg.temperature)
     else:

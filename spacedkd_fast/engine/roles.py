@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +41,8 @@ def lr_at(cfg: TrainConfig, epoch_position: float) -> float:
     if cfg.lr_schedule == "step":
         return cfg.lr * cfg.lr_gamma ** sum(epoch_position >= m for m in cfg.lr_milestones)
     progress = (epoch_position - cfg.warmup_epochs) / max(cfg.epochs - cfg.warmup_epochs, 1e-12)
-    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * cosine
 
 
 def build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
@@ -58,7 +59,7 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 @dataclass
 class Role:
-    """A trained network with its optimizer, stream and running loss."""
+    """A trained network with its optimizer, stream, random stream and running loss."""
 
     name: str
     model: nn.Module
@@ -69,10 +70,41 @@ class Role:
     loss_sum: Tensor | None = None  # on device: no host sync per step
     loss_count: int = 0
     last_lr: float = 0.0
-    history: list = field(default_factory=list)
+    rng_state: dict | None = None  # this role's CPU/CUDA generator states (see ``context``)
 
+    def seed_rng(self, seed: int, device: torch.device) -> None:
+        """Give the role a random stream of its own (dropout, DropPath), seeded from ``seed``."""
+        state = {"cpu": torch.Generator().manual_seed(seed).get_state()}
+        if device.type == "cuda":
+            state["cuda"] = torch.Generator(device=device).manual_seed(seed).get_state()
+        self.rng_state = state
+
+    @contextlib.contextmanager
     def context(self):
-        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+        """Run on the role's stream with the role's random stream swapped in as the global one.
+
+        Teacher and student draw from separate streams, so what each draws does not depend on how their steps
+        are interleaved (a model with dropout or DropPath stays bit-reproducible with and without overlap).
+        """
+        stream = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+        if self.rng_state is None:
+            with stream:
+                yield
+            return
+        cuda = "cuda" in self.rng_state
+        saved_cpu = torch.get_rng_state()
+        saved_cuda = torch.cuda.get_rng_state() if cuda else None
+        torch.set_rng_state(self.rng_state["cpu"])
+        if cuda:
+            torch.cuda.set_rng_state(self.rng_state["cuda"])
+        try:
+            with stream:
+                yield
+        finally:
+            self.rng_state = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if cuda else {})}
+            torch.set_rng_state(saved_cpu)
+            if cuda:
+                torch.cuda.set_rng_state(saved_cuda)
 
     def record_loss(self, loss: Tensor) -> None:
         value = loss.detach().float()
@@ -145,8 +177,10 @@ class SnapshotPool:
             raise RuntimeError("no free teacher snapshot buffer")
         source, target = unwrap(teacher), unwrap(snapshot)
         with torch.no_grad():
-            torch._foreach_copy_(list(target.parameters()), list(source.parameters()))
-            torch._foreach_copy_(list(target.buffers()), list(source.buffers()))
+            for dst, src in ((list(target.parameters()), list(source.parameters())),
+                             (list(target.buffers()), list(source.buffers()))):
+                if dst:  # a ViT has no buffers, and _foreach_copy_ refuses empty lists
+                    torch._foreach_copy_(dst, src)
         snapshot.train(self.bn_mode == "train")
         ready = None
         if device.type == "cuda":

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import math
 import signal
 import time
 from dataclasses import dataclass
@@ -33,13 +34,14 @@ from torch import nn
 from spacedkd_fast.config import TrainConfig, incompatible_fields
 from spacedkd_fast.data import load_dataset
 from spacedkd_fast.data.augment import normalize
-from spacedkd_fast.data.pipeline import BatchSource, derive_seed, evaluation_batches
-from spacedkd_fast.data.window import WindowCache
+from spacedkd_fast.data.pipeline import BatchSource, derive_seed, evaluation_batches, select_data_backend
+from spacedkd_fast.data.producer import Prefetcher
+from spacedkd_fast.data.window import TierPlan, WindowCache
 from spacedkd_fast.engine import roles as R
 from spacedkd_fast.engine.distributed import DistInfo, all_reduce_sum, init_distributed
 from spacedkd_fast.engine.losses import Projector, SelfKDAdapters
 from spacedkd_fast.engine.outputs import CHECKPOINT, RunOutputs, summary_table
-from spacedkd_fast.models import build_model, is_multi_exit
+from spacedkd_fast.models import build_model, is_distilled, is_multi_exit
 from spacedkd_fast.schedule import Block, SpacingSchedule
 
 CHECKPOINT_FORMAT = 1
@@ -91,6 +93,33 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def _available_host_memory() -> int:
+    """Bytes of available host memory (MemAvailable), or 8 GiB where /proc/meminfo is missing."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * 2**30
+
+
+def window_budgets(cfg: TrainConfig, device: torch.device) -> tuple[float, float]:
+    """Bytes for the device and host tiers of the replay window (see ``--window-budget``/``--host-budget``)."""
+    if cfg.window_budget is not None:
+        device_budget = cfg.window_budget * 1e9
+    elif device.type == "cuda":
+        device_budget = 0.25 * torch.cuda.mem_get_info(device)[0]
+    else:
+        device_budget = 0.25 * _available_host_memory()
+    if cfg.host_budget is not None:
+        host_budget = cfg.host_budget * 1e9
+    else:  # on a CPU the "device" tier already is host memory
+        host_budget = 0.25 * _available_host_memory() if device.type == "cuda" else 0.0
+    return device_budget, host_budget
+
+
 def subset_dataset(dataset, n: int):
     """The first ``n`` training images (and ``n // 4`` test images) of a fixed shuffle, the same for every seed."""
     if n > len(dataset.train_labels):
@@ -129,8 +158,9 @@ class Trainer:
         self.dataset = load_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size)
         if cfg.subset is not None:
             self.dataset = subset_dataset(self.dataset, cfg.subset)
+        self.data_backend = select_data_backend(cfg.data_backend, self.device)
         self.source = BatchSource(self.dataset, batch_size=cfg.batch_size, seed=cfg.seed, device=self.device,
-                                  rank=self.dist.rank, world=self.dist.world)
+                                  rank=self.dist.rank, world=self.dist.world, backend=self.data_backend)
         self.iters_per_epoch = self.source.iters_per_epoch
         mean, std = self.dataset.mean, self.dataset.std
         self.normalize = lambda u8: normalize(u8, mean, std, channels_last=cfg.channels_last)
@@ -143,8 +173,12 @@ class Trainer:
                                         replay_tail=cfg.replay_tail)
         self._block_starts = [b.start for b in self.schedule.blocks]
         capacity = max(self.schedule.block_length, 1) + (OVERLAP_SLACK if self.overlap else 0)
-        self.window = WindowCache(capacity, self.source.image_shape, self.source.local_batch_size(0), self.device,
-                                  self.normalize, storage=cfg.window_storage)
+        batch = self.source.local_batch_size(0)
+        slot_bytes = batch * (math.prod(self.source.image_shape) + 8)
+        device_budget, host_budget = window_budgets(cfg, self.device)
+        tiers = TierPlan.for_budget(capacity, slot_bytes, device_budget, host_budget)
+        self.window = WindowCache(capacity, self.source.image_shape, batch, self.device, self.normalize,
+                                  storage=cfg.window_storage, tiers=tiers, regenerate=self.source.render)
 
         # ---- models and roles ----------------------------------------------------------------------------------
         self.teacher: R.Role | None = None
@@ -163,6 +197,13 @@ class Trainer:
                 if is_multi_exit(arch):
                     raise ValueError(f"--mode {cfg.mode} needs single-exit models; {arch!r} is multi-exit "
                                      f"(use it with --mode self)")
+            plain = {a: a.removesuffix("_distilled") for a in (cfg.teacher_arch, cfg.student_arch)}
+            if cfg.mode != "base" and is_distilled(cfg.teacher_arch):
+                raise ValueError(f"--teacher-model {cfg.teacher_arch!r} has a distillation token, which only a DeiT "
+                                 f"student uses; give the teacher the plain ViT ({plain[cfg.teacher_arch]!r})")
+            if cfg.mode == "base" and is_distilled(cfg.student_arch):
+                raise ValueError(f"--mode base trains with CE only; {cfg.student_arch!r}'s distillation head would "
+                                 f"learn nothing (use {plain[cfg.student_arch]!r})")
             if cfg.mode != "base":
                 teacher_net = self._build(cfg.teacher_arch, "teacher", channels, size)
                 self.teacher = self._role("teacher", teacher_net, None, self.dist.teacher_group)
@@ -194,6 +235,7 @@ class Trainer:
         self._last_action = "student"
         self._stop_reason: str | None = None
         self._checkpoint_due = False
+        self._prefetcher: Prefetcher | None = None
 
         # ---- outputs -------------------------------------------------------------------------------------------
         self.outputs = RunOutputs(cfg.out or cfg.resume, enabled=self.dist.is_main, trace_batches=cfg.trace_batches,
@@ -222,7 +264,9 @@ class Trainer:
                 extra = DDP(extra, device_ids=ids, process_group=group)
         if self.cfg.compile:
             model = torch.compile(model)
-        return R.Role(name=name, model=model, optimizer=R.build_optimizer(self.cfg, params), extra=extra)
+        role = R.Role(name=name, model=model, optimizer=R.build_optimizer(self.cfg, params), extra=extra)
+        role.seed_rng(derive_seed(self.cfg.seed, "rng", name, self.dist.rank), self.device)
+        return role
 
     def _replays(self, block: Block) -> bool:
         """Whether the student replays ``block`` (self mode's s = 0 blocks are one BYOT step, taken at once)."""
@@ -256,6 +300,7 @@ class Trainer:
         if self.cfg.mode == "online" and self.actions == 0:
             self._student_evals(None)  # epochs that end before the first replay evaluate the untrained student
         progress = self._progress_bar()
+        self._start_prefetcher()
         try:
             while not self._done():
                 action = self._choose()
@@ -275,6 +320,8 @@ class Trainer:
                                               f"{where}")
         finally:
             progress.close()
+            if self._prefetcher is not None:
+                self._prefetcher.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         self._sync()
@@ -344,8 +391,7 @@ class Trainer:
         cfg, i = self.cfg, self.t_iter
         role = self.teacher if self.teacher is not None and self.phase == "teacher" else self.student
         with role.context():
-            # offline's student phase reads fresh batches of its own (epochs E..2E-1 of the data stream)
-            images, labels = self.source.batch(i + (self.schedule.total_iterations if self.phase == "student" else 0))
+            plan, images, labels = self._fresh_batch(self._data_iteration())
             x, lr = self.normalize(images), self._lr(i)
             if cfg.mode in ("base", "offline") and not (cfg.mode == "offline" and self.phase == "student"):
                 R.ce_step(cfg, role, x, labels, lr)
@@ -363,7 +409,7 @@ class Trainer:
                     self.online_outputs[i] = (images, x, labels, logits, features, self._event(), role.steps - 1)
                 else:
                     if self._replays(block):
-                        self.window.put(i, images, labels)
+                        self.window.put(i, images, labels, plan)
                     R.ce_step(cfg, role, x, labels, lr, multi_exit=cfg.mode == "self")
                     if i == block.stop - 1 and self._replays(block) and self.snapshots is not None:
                         self.snapshots.take(block.index, self.teacher.model, self.device)
@@ -387,6 +433,7 @@ class Trainer:
                 R.distill_step(cfg, role, x, labels, lr, logits, features)
             else:
                 x, labels = self.window.get(i)
+                self._prefetch_replay(block)  # the next replayed batch, if it lives off the device
                 teacher_updates = None
                 if cfg.mode == "self":
                     R.self_replay_step(cfg, role, x, labels, lr)
@@ -404,6 +451,40 @@ class Trainer:
                 if cfg.mode == "online":
                     self._student_evals(block)
                 self.s_block, self.s_offset = self._next_replayed(self.s_block + 1), 0
+
+    def _data_iteration(self) -> int:
+        """Index of the teacher's next fresh batch in the data stream (offline's student phase reads epochs
+        E..2E-1 of it, fresh batches of its own)."""
+        return self.t_iter + (self.schedule.total_iterations if self.phase == "student" else 0)
+
+    def _fresh_batch(self, data_iteration: int):
+        """``(plan, uint8 images, labels)`` of a fresh batch: from the prefetch thread, or rendered here."""
+        if self._prefetcher is not None:
+            return self._prefetcher.next(data_iteration)
+        plan = self.source.plan(data_iteration)
+        return (plan, *self.source.render(plan))
+
+    def _prefetch_replay(self, block: Block) -> None:
+        nxt = block.start + self.s_offset + 1
+        if nxt >= block.stop:
+            following = self._next_replayed(self.s_block + 1)
+            if following >= len(self.schedule.blocks):
+                return
+            nxt = self.schedule.blocks[following].start
+        if nxt in self.window:
+            self.window.prefetch(nxt)
+
+    def _start_prefetcher(self) -> None:
+        depth = self.cfg.prefetch if self.cfg.prefetch is not None else (2 if self.device.type == "cuda" else 0)
+        self._prefetcher = None
+        if depth > 0:
+            end = self.schedule.total_iterations * (2 if self.cfg.mode == "offline" else 1)
+
+            def make(iteration):
+                plan = self.source.plan(iteration)
+                return (plan, *self.source.render(plan))
+
+            self._prefetcher = Prefetcher(range(self._data_iteration(), end), make, depth, self.device)
 
     def _event(self) -> torch.cuda.Event | None:
         if not (self.overlap and self.device.type == "cuda"):
@@ -533,7 +614,7 @@ class Trainer:
         path = Path(cfg.resume) / CHECKPOINT
         if not path.exists():
             raise FileNotFoundError(f"--resume {cfg.resume}: there is no {CHECKPOINT} in that folder")
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain containers only
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"--resume {cfg.resume}: checkpoint format {state.get('format')!r}, this version reads "
                              f"{CHECKPOINT_FORMAT}")
@@ -574,9 +655,9 @@ class Trainer:
         if self.cfg.mode in ("base", "offline"):
             return f"{self.iters_per_epoch} iterations/epoch × {self.cfg.epochs} epochs"
         text = self.schedule.describe()
-        if self.window.storage == "device" and self.schedule.block_length > 0:
-            text += f"; replay window {self.window.capacity} slots = {self.window.nbytes / 1e9:.3f} GB on {self.device}"
-        return text
+        if self.schedule.block_length > 0:
+            text += f"; replay window {self.window.describe()}"
+        return text + f"; data: {self.data_backend}"
 
     def total_actions(self) -> int:
         """Optimizer steps of the whole run (the progress bar's total)."""
@@ -599,7 +680,7 @@ class Trainer:
 def _role_state(role: R.Role) -> dict:
     return {"model": R.unwrap(role.model).state_dict(), "optimizer": role.optimizer.state_dict(),
             "extra": R.unwrap(role.extra).state_dict() if role.extra is not None else None,
-            "steps": role.steps, "last_lr": role.last_lr,
+            "steps": role.steps, "last_lr": role.last_lr, "rng": role.rng_state,
             "loss": (role.loss_sum.cpu() if role.loss_sum is not None else None, role.loss_count)}
 
 
@@ -608,7 +689,7 @@ def _load_role_state(role: R.Role, saved: dict, device: torch.device) -> None:
     role.optimizer.load_state_dict(saved["optimizer"])
     if role.extra is not None and saved["extra"] is not None:
         R.unwrap(role.extra).load_state_dict(saved["extra"])
-    role.steps, role.last_lr = saved["steps"], saved["last_lr"]
+    role.steps, role.last_lr, role.rng_state = saved["steps"], saved["last_lr"], saved["rng"]
     loss_sum, role.loss_count = saved["loss"]
     role.loss_sum = loss_sum.to(device) if loss_sum is not None else None
 
