@@ -57,6 +57,9 @@ class TrainConfig:
                                     "ImageFolder root with train/ and val/)", metavar="DIR")
     image_size: int | None = _f(None, "resize decoded image datasets to this size (px); default 64 for "
                                       "tiny-imagenet/imagefolder", metavar="PX")
+    stream: bool | None = _f(None, "stream tiny-imagenet / imagefolder from disk, decoding each batch when it is "
+                                   "needed (default: with the DALI backend; otherwise the folder is decoded into "
+                                   "memory)")
     subset: int | None = _f(None, "train on the first N images of a fixed shuffle of the training set (and N//4 "
                                   "test images): quick experiments and smoke tests", metavar="N")
     epochs: int = _f(8, "training epochs", metavar="N")

@@ -27,6 +27,7 @@ from torch import Tensor
 from spacedkd_fast import backends
 from spacedkd_fast.data.augment import apply_augment, sample_params
 from spacedkd_fast.data.datasets import ImageDataset
+from spacedkd_fast.data.files import FileDataset, sample_crop_params
 
 DATA_BACKENDS = ("auto", "torch", "dali")
 
@@ -85,9 +86,9 @@ class BatchSource:
     one), in which case it is dropped.
     """
 
-    def __init__(self, dataset: ImageDataset, *, batch_size: int, seed: int, device: torch.device, rank: int = 0,
-                 world: int = 1, backend: str = "torch") -> None:
-        n = dataset.train_images.shape[0]
+    def __init__(self, dataset: ImageDataset | FileDataset, *, batch_size: int, seed: int, device: torch.device,
+                 rank: int = 0, world: int = 1, backend: str = "torch") -> None:
+        n = len(dataset.train_labels)
         if batch_size > n:
             raise ValueError(f"--batch-size {batch_size} is larger than the training set ({n} images of "
                              f"{dataset.name!r})")
@@ -104,20 +105,25 @@ class BatchSource:
         self.num_samples = n
         tail = n % batch_size
         self.iters_per_epoch = n // batch_size + (1 if tail and tail // world >= 2 else 0)
-        self.images = dataset.train_images.to(self.device)
         self.labels = dataset.train_labels.to(self.device)
         self.backend = backend
+        self._perm_epoch = -1
+        self._perm: Tensor | None = None
+        self._setup_storage()
+
+    def _setup_storage(self) -> None:
+        self.images = self.dataset.train_images.to(self.device)
+        self.test_images = self.dataset.test_images.to(self.device)
+        self.test_labels = self.dataset.test_labels.to(self.device)
         self._dali = None
-        if backend == "dali":
+        if self.backend == "dali":
             from spacedkd_fast.data.dali import DaliArrayAugmenter
 
             self._dali = DaliArrayAugmenter(self.image_shape, self.local_batch_size(0), self.device)
-        self._perm_epoch = -1
-        self._perm: Tensor | None = None
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        return tuple(self.images.shape[1:])
+        return tuple(self.dataset.train_images.shape[1:])
 
     def permutation(self, epoch: int) -> Tensor:
         """Sample order of ``epoch`` (CPU int64), the same on every rank and device."""
@@ -158,6 +164,61 @@ class BatchSource:
         epoch, position = divmod(iteration, self.iters_per_epoch)
         size = min(self.batch_size, self.num_samples - position * self.batch_size)
         return len(range(self.rank, size, self.world))
+
+    def test_batches(self, batch_size: int):
+        """This rank's shard of the test set: ``(uint8 images, labels)`` on the device, un-augmented."""
+        yield from evaluation_batches(self.test_images, self.test_labels, batch_size, self.rank, self.world)
+
+    @property
+    def num_test(self) -> int:
+        return len(self.dataset.test_labels)
+
+    def close(self) -> None:
+        pass
+
+
+class FileBatchSource(BatchSource):
+    """Training batches of a folder streamed from disk (:class:`~spacedkd_fast.data.files.FileDataset`): each
+    batch is decoded when rendered (random resized crop + flip; centre crop for the test set), by the torch/PIL
+    renderer or DALI's ("mixed" JPEG decoding on a GPU). Plans, order and sharding are those of BatchSource."""
+
+    def _setup_storage(self) -> None:
+        if self.backend == "dali":
+            from spacedkd_fast.data.dali import DaliFileRenderer
+
+            self.renderer = DaliFileRenderer(self.dataset.crop, self.device,
+                                             max_batch=max(self.local_batch_size(0), 1))
+        else:
+            from spacedkd_fast.data.files import TorchFileRenderer
+
+            self.renderer = TorchFileRenderer(self.dataset.crop, self.device)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.dataset.image_shape
+
+    def render(self, plan: BatchPlan) -> tuple[Tensor, Tensor]:
+        files = [self.dataset.train_files[i] for i in plan.indices.tolist()]
+        params = sample_crop_params(self.dataset.crop, len(files), torch.Generator().manual_seed(plan.seed))
+        images = self.renderer.train_batch(files, params)
+        return images, self.labels.index_select(0, plan.indices.to(self.device, non_blocking=True))
+
+    def test_batches(self, batch_size: int):
+        n = len(self.dataset.test_files)
+        per_rank = math.ceil(n / self.world)
+        shard = range(self.rank * per_rank, min(n, (self.rank + 1) * per_rank))
+        for start in range(shard.start, shard.stop, batch_size):
+            stop = min(start + batch_size, shard.stop)
+            images = self.renderer.eval_batch(self.dataset.test_files[start:stop])
+            yield images, self.dataset.test_labels[start:stop].to(self.device)
+
+    def close(self) -> None:
+        self.renderer.close()
+
+
+def make_source(dataset, **kwargs) -> BatchSource:
+    """The BatchSource for an in-memory dataset, the FileBatchSource for a streamed folder."""
+    return (FileBatchSource if isinstance(dataset, FileDataset) else BatchSource)(dataset, **kwargs)
 
 
 def evaluation_batches(images: Tensor, labels: Tensor, batch_size: int, rank: int = 0, world: int = 1):

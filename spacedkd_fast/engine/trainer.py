@@ -34,7 +34,8 @@ from torch import nn
 from spacedkd_fast.config import TrainConfig, incompatible_fields
 from spacedkd_fast.data import load_dataset
 from spacedkd_fast.data.augment import normalize
-from spacedkd_fast.data.pipeline import BatchSource, derive_seed, evaluation_batches, select_data_backend
+from spacedkd_fast.data.files import FILE_DATASET_NAMES, FileDataset, scan_folder_dataset
+from spacedkd_fast.data.pipeline import derive_seed, make_source, select_data_backend
 from spacedkd_fast.data.producer import Prefetcher
 from spacedkd_fast.data.window import TierPlan, WindowCache
 from spacedkd_fast.engine import roles as R
@@ -120,6 +121,20 @@ def window_budgets(cfg: TrainConfig, device: torch.device) -> tuple[float, float
     return device_budget, host_budget
 
 
+def load_training_data(cfg: TrainConfig, data_backend: str):
+    """The run's dataset: decoded into memory, or (folder datasets with ``--stream``, by default with DALI) a
+    :class:`~spacedkd_fast.data.files.FileDataset` streamed from disk."""
+    folder = cfg.dataset.strip().lower().replace("_", "-") in FILE_DATASET_NAMES
+    stream = cfg.stream if cfg.stream is not None else folder and data_backend == "dali"
+    if stream and not folder:
+        raise ValueError(f"--stream applies to folder datasets ({', '.join(FILE_DATASET_NAMES)}), not "
+                         f"{cfg.dataset!r}")
+    if stream:
+        default_size = 64 if cfg.dataset.strip().lower().replace("_", "-") == "tiny-imagenet" else 224
+        return scan_folder_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size or default_size)
+    return load_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size)
+
+
 def subset_dataset(dataset, n: int):
     """The first ``n`` training images (and ``n // 4`` test images) of a fixed shuffle, the same for every seed."""
     if n > len(dataset.train_labels):
@@ -127,6 +142,12 @@ def subset_dataset(dataset, n: int):
     train = torch.randperm(len(dataset.train_labels), generator=torch.Generator().manual_seed(0))[:n]
     test = torch.randperm(len(dataset.test_labels), generator=torch.Generator().manual_seed(1))
     test = test[:max(n // 4, min(len(test), 16))]
+    if isinstance(dataset, FileDataset):
+        return dataclasses.replace(dataset, name=f"{dataset.name}[subset {n}]",
+                                   train_files=tuple(dataset.train_files[i] for i in train.tolist()),
+                                   train_labels=dataset.train_labels[train].contiguous(),
+                                   test_files=tuple(dataset.test_files[i] for i in test.tolist()),
+                                   test_labels=dataset.test_labels[test].contiguous())
     return dataclasses.replace(dataset, name=f"{dataset.name}[subset {n}]",
                                train_images=dataset.train_images[train].contiguous(),
                                train_labels=dataset.train_labels[train].contiguous(),
@@ -155,17 +176,15 @@ class Trainer:
         self.overlap = cfg.mode == "online" and (cfg.overlap if cfg.overlap is not None else self.device.type == "cuda")
 
         # ---- data ----------------------------------------------------------------------------------------------
-        self.dataset = load_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size)
+        self.data_backend = select_data_backend(cfg.data_backend, self.device)
+        self.dataset = load_training_data(cfg, self.data_backend)
         if cfg.subset is not None:
             self.dataset = subset_dataset(self.dataset, cfg.subset)
-        self.data_backend = select_data_backend(cfg.data_backend, self.device)
-        self.source = BatchSource(self.dataset, batch_size=cfg.batch_size, seed=cfg.seed, device=self.device,
+        self.source = make_source(self.dataset, batch_size=cfg.batch_size, seed=cfg.seed, device=self.device,
                                   rank=self.dist.rank, world=self.dist.world, backend=self.data_backend)
         self.iters_per_epoch = self.source.iters_per_epoch
         mean, std = self.dataset.mean, self.dataset.std
         self.normalize = lambda u8: normalize(u8, mean, std, channels_last=cfg.channels_last)
-        self.test_images = self.dataset.test_images.to(self.device)
-        self.test_labels = self.dataset.test_labels.to(self.device)
 
         # ---- schedule and replay window ------------------------------------------------------------------------
         space = cfg.space if cfg.mode in ("online", "self") else 0.0
@@ -322,6 +341,7 @@ class Trainer:
             progress.close()
             if self._prefetcher is not None:
                 self._prefetcher.close()
+            self.source.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         self._sync()
@@ -537,8 +557,7 @@ class Trainer:
     def _accuracy(self, role: R.Role, multi_exit: bool = False) -> torch.Tensor:
         group = self.dist.teacher_group if role is self.teacher else self.dist.student_group
         with role.context():
-            batches = evaluation_batches(self.test_images, self.test_labels, self.cfg.eval_batch_size,
-                                         self.dist.rank, self.dist.world)
+            batches = self.source.test_batches(self.cfg.eval_batch_size)
             counts = R.evaluate(role.model, batches, self.normalize, self.device, multi_exit)
             return all_reduce_sum(counts, self.dist, group)
 

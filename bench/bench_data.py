@@ -1,0 +1,200 @@
+"""Data-path throughput: DALI vs torch, for in-memory CIFAR-shaped arrays and JPEG folders at 64 and 224 px, and
+end-to-end training images/s with each backend.
+
+    pytest bench/bench_data.py
+
+Providers:
+- ``torch``: this package's torch renderer (arrays: one gather on the training device; files: PIL decoding in a
+  thread pool + torch crop/resize/flip);
+- ``dali``: the same graph in DALI (GPU when there is one, else DALI's CPU twin);
+- ``dataloader``: the classic baseline, a torch DataLoader with as many workers as cores running torchvision's
+  per-sample transforms (RandomCrop(pad 4) + flip + RandomRotation(15); RandomResizedCrop + flip for files).
+
+images/s count augmented uint8 images delivered on the training device. The JPEG folders are generated (random
+smooth images, quality 90) in a temporary directory; sizes are in the group names.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from shapes import ON_CUDA
+
+from spacedkd_fast import backends
+from spacedkd_fast.config import TrainConfig
+from spacedkd_fast.data.augment import apply_augment, sample_params
+from spacedkd_fast.data.datasets import AugmentSpec
+from spacedkd_fast.data.files import ResizedCropSpec, sample_crop_params
+from spacedkd_fast.engine import Trainer
+
+DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
+CORES = os.cpu_count() or 1
+SPEC = AugmentSpec(pad=4, flip=True, rotate_degrees=15)
+ARRAY_IMAGES = 50_000 if ON_CUDA else 8192
+ARRAY_BATCH = 256
+HAS_DALI = backends.dali().available
+
+
+def _need_dali():
+    if not HAS_DALI:
+        pytest.skip("DALI is not installed (pip install nvidia-dali-cuda130)")
+
+
+# ---- CIFAR-shaped arrays -----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def arrays():
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (ARRAY_IMAGES, 3, 32, 32), generator=g, dtype=torch.uint8)
+
+
+def _array_epoch_torch(images_dev):
+    for start in range(0, ARRAY_IMAGES, ARRAY_BATCH):
+        batch = images_dev[start:start + ARRAY_BATCH]
+        params = sample_params(SPEC, batch.shape[0], torch.Generator().manual_seed(start), "cpu")
+        apply_augment(batch, params.to(DEVICE))
+
+
+def _array_epoch_dali(augmenter, images_dev):
+    for start in range(0, ARRAY_IMAGES, ARRAY_BATCH):
+        batch = images_dev[start:start + ARRAY_BATCH]
+        augmenter(batch, sample_params(SPEC, batch.shape[0], torch.Generator().manual_seed(start), "cpu"))
+
+
+class _ArrayDataset(torch.utils.data.Dataset):
+    def __init__(self, images):
+        import torchvision.transforms.v2 as T
+
+        self.images = images
+        self.transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.RandomRotation(15)])
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.transform(self.images[i])
+
+
+def _dataloader_epoch(loader):
+    for batch in loader:
+        batch.to(DEVICE, non_blocking=True)
+
+
+@pytest.mark.parametrize("provider", ["torch", "dali", "dataloader"])
+def test_array_augmentation(measure, arrays, provider):
+    images_dev = arrays.to(DEVICE)
+    if provider == "torch":
+        fn = lambda: _array_epoch_torch(images_dev)  # noqa: E731
+    elif provider == "dali":
+        _need_dali()
+        from spacedkd_fast.data.dali import DaliArrayAugmenter
+
+        augmenter = DaliArrayAugmenter((3, 32, 32), ARRAY_BATCH, DEVICE)
+        fn = lambda: _array_epoch_dali(augmenter, images_dev)  # noqa: E731
+    else:
+        loader = torch.utils.data.DataLoader(_ArrayDataset(arrays), batch_size=ARRAY_BATCH, num_workers=CORES,
+                                             persistent_workers=True, pin_memory=ON_CUDA)
+        fn = lambda: _dataloader_epoch(loader)  # noqa: E731
+    measure(fn, group=f"augment CIFAR-shaped arrays ({DEVICE.type}, {ARRAY_IMAGES} images, batch {ARRAY_BATCH})",
+            provider=provider, baseline=("torch", "dataloader"), items=ARRAY_IMAGES, items_unit="images", warmup=1,
+            rounds=3)
+
+
+# ---- JPEG folders ------------------------------------------------------------------------------------------------
+
+FOLDERS = {64: (96, 80, 512), 224: (320, 400, 256)}  # output size: (source height, width, images)
+
+
+@pytest.fixture(scope="module")
+def jpeg_folders():
+    from PIL import Image
+
+    root = Path(tempfile.mkdtemp(prefix="spacedkd-bench-jpeg-"))
+    rng = np.random.default_rng(0)
+    out = {}
+    for size, (h, w, count) in FOLDERS.items():
+        files = []
+        for i in range(count):
+            small = rng.integers(0, 256, (h // 8, w // 8, 3), dtype=np.uint8)
+            image = Image.fromarray(small).resize((w, h), Image.BILINEAR)  # smooth content compresses like photos
+            path = root / str(size) / f"c{i % 10}" / f"{i}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            image.save(path, quality=90)
+            files.append(str(path))
+        out[size] = files
+    return out
+
+
+class _FileDataset(torch.utils.data.Dataset):
+    def __init__(self, files, size):
+        import torchvision.transforms.v2 as T
+
+        self.files = files
+        self.transform = T.Compose([T.RandomResizedCrop(size, antialias=True), T.RandomHorizontalFlip()])
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        from torchvision.io import decode_image, read_file
+
+        return self.transform(decode_image(read_file(self.files[i]), mode=torchvision_rgb()))
+
+
+def torchvision_rgb():
+    from torchvision.io import ImageReadMode
+
+    return ImageReadMode.RGB
+
+
+@pytest.mark.parametrize("size", sorted(FOLDERS))
+@pytest.mark.parametrize("provider", ["torch", "dali", "dataloader"])
+def test_jpeg_decode_and_augment(measure, jpeg_folders, provider, size):
+    files = jpeg_folders[size]
+    batch = 64
+    spec = ResizedCropSpec(size=size)
+    if provider == "dataloader":
+        loader = torch.utils.data.DataLoader(_FileDataset(files, size), batch_size=batch, num_workers=CORES,
+                                             persistent_workers=True, pin_memory=ON_CUDA)
+        fn = lambda: _dataloader_epoch(loader)  # noqa: E731
+    else:
+        if provider == "dali":
+            _need_dali()
+            from spacedkd_fast.data.dali import DaliFileRenderer
+
+            renderer = DaliFileRenderer(spec, DEVICE, max_batch=batch)
+        else:
+            from spacedkd_fast.data.files import TorchFileRenderer
+
+            renderer = TorchFileRenderer(spec, DEVICE)
+
+        def fn():
+            for start in range(0, len(files), batch):
+                chunk = files[start:start + batch]
+                renderer.train_batch(chunk, sample_crop_params(spec, len(chunk),
+                                                               torch.Generator().manual_seed(start)))
+    h, w, count = FOLDERS[size]
+    measure(fn, group=f"decode+augment JPEG {w}x{h} -> {size} px ({DEVICE.type}, {count} files)", provider=provider,
+            baseline=("torch", "dataloader"), items=count, items_unit="images", warmup=1, rounds=3)
+
+
+# ---- end to end ----------------------------------------------------------------------------------------------------
+
+E2E = (dict(dataset="synthetic", model="resnet18", batch_size=128, precision="bf16", channels_last=True)
+       if ON_CUDA else dict(dataset="embedded", subset=2048, model="resnet8", batch_size=64))
+
+
+@pytest.mark.parametrize("provider", ["torch", "dali"])
+def test_training_with_each_backend(measure, provider):
+    if provider == "dali":
+        _need_dali()
+    cfg = TrainConfig(**E2E, epochs=1, space=0.25, data_backend=provider, progress=False, eval_batch_size=500)
+    images = Trainer(cfg, log=lambda *a: None).source.num_samples
+    measure(lambda trainer: trainer.fit(), setup=lambda: (Trainer(cfg, log=lambda *a: None),), rounds=2, warmup=1,
+            group=f"train spaced s=0.25 {E2E['model']} ({DEVICE.type})", provider=provider, baseline="torch",
+            items=images, items_unit="images")
