@@ -77,14 +77,15 @@ def write_report(args, settings: list[Setting], out: Path, wall: float, command:
              f"Hutchinson, {args.hessian_probes} Rademacher probes on {args.hessian_samples} training images "
              f"(no augmentation, BN in eval mode), CE of the student (deepest exit in self mode). "
              f"Wall time {wall / 60:.1f} min.", "",
-             "| setting | student test acc (%) | teacher test acc (%) | tr(H) of the student |",
-             "|---|---|---|---|"]
+             "| setting | student test acc (%) | teacher test acc (%) | tr(H) of the student | probe s.e. of tr(H) |",
+             "|---|---|---|---|---|"]
     for st in settings:
         acc = [r["student_acc"] for r in st.runs]
         teacher = [r.get("teacher_acc") for r in st.runs]
         trace = [r.get("hessian_trace") for r in st.runs]
+        stderr = _mean_std([r.get("hessian_stderr") for r in st.runs])[0]
         lines.append(f"| {st.name} | {_fmt(acc, 100)} | {_fmt(teacher, 100) if st.family != 'base' else '–'} | "
-                     f"{_fmt(trace, 1, 1)} |")
+                     f"{_fmt(trace, 1, 1)} | ±{stderr:.1f} |")
     online = next(s for s in settings if s.name == "online s=0")
     spaced = [s for s in settings if s.family == "online" and s.space]
     best = max(spaced, key=lambda s: _mean_std([r["student_acc"] for r in s.runs])[0]) if spaced else None
@@ -105,8 +106,10 @@ def write_report(args, settings: list[Setting], out: Path, wall: float, command:
         lines.append(f"- {selfs[1].name}: best shallow exit {'≥' if b >= a else '<'} self s=0 "
                      f"({100 * b:.2f} vs {100 * a:.2f} %); Hessian trace {'lower' if tb < ta else 'not lower'} "
                      f"({tb:.1f} vs {ta:.1f}).")
-    lines += ["", "Differences smaller than the std over seeds are noise. `accuracy_vs_space.png` plots the student "
-              "accuracy against s; `results.json` has every run."]
+    lines += ["", "Accuracy: mean ± std over seeds. tr(H): mean ± std over seeds of each run's estimate; the last "
+              "column is the mean standard error of one run's estimate from its probes. Differences smaller than "
+              "these spreads are noise. `accuracy_vs_space.png` plots the student accuracy against s; "
+              "`results.json` has every run."]
     text = "\n".join(lines) + "\n"
     (out / "results.md").write_text(text)
     return text
@@ -157,11 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--self-space", type=float, default=1.0, help="s of the spaced self-KD run")
     p.add_argument("--model", default="resnet8", help="teacher and student of base/online runs")
     p.add_argument("--self-model", default="byot_resnet10", help="multi-exit network of the self-KD runs")
-    p.add_argument("--hessian-samples", type=int, default=500)
-    p.add_argument("--hessian-probes", type=int, default=30)
+    p.add_argument("--hessian-samples", type=int, default=256)
+    p.add_argument("--hessian-probes", type=int, default=20)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="runs/repro")
     p.add_argument("--dry-run", action="store_true", help="print the run configs and stop")
+    p.add_argument("--report-only", action="store_true",
+                   help="rewrite results.md and the plot from --out's results.json (no training)")
     return p
 
 
@@ -181,6 +186,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         for st, seed, cfg in configs:
             print(st.name, seed, json.dumps({k: v for k, v in cfg.to_dict().items() if v is not None}))
+        return 0
+    if args.report_only:
+        saved = json.loads((out / "results.json").read_text())
+        by_name = {st.name: st for st in settings}
+        for record in saved["runs"]:
+            by_name[record["setting"]].runs.append(record)
+        plot(args, settings, out)
+        print(write_report(args, settings, out, saved["wall_s"], saved["command"]))
         return 0
     out.mkdir(parents=True, exist_ok=True)
     command = "python -m spacedkd_fast.repro " + " ".join(argv if argv is not None else sys.argv[1:])
