@@ -585,32 +585,60 @@ def _list_images(folder: Path) -> list[Path]:
 
 def _load_tiny_imagenet(data_dir: Path, size: int) -> ImageDataset:
     name = "tiny-imagenet"
+    classes, (train_paths, train_labels), (val_paths, val_labels) = scan_tiny_imagenet(
+        data_dir, f"load_dataset({name!r})")
+    _check_decoded_size(name, len(train_paths) + len(val_paths), size)
+    train = (decode_images(train_paths, size, center_crop=False), torch.tensor(train_labels, dtype=torch.int64))
+    test = (decode_images(val_paths, size, center_crop=False), torch.tensor(val_labels, dtype=torch.int64))
+    return _make_dataset(name, train, test, tuple(classes), AugmentSpec(pad=4, flip=True, rotate_degrees=0.0))
+
+
+# ---- generic ImageFolder (ImageNet layout) -----------------------------------------------------------------------
+
+def _class_folders(split_dir: Path) -> list[str]:
+    return sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _load_imagefolder(root: Path, size: int) -> ImageDataset:
+    name = "imagefolder"
+    classes, *split_lists = scan_imagefolder(root, f"load_dataset({name!r})")
+    splits = dict(zip(("train", "test"), split_lists))
+    _check_decoded_size(name, sum(len(p) for p, _ in splits.values()), size)
+    train, test = (
+        (decode_images(paths, size, center_crop=True), torch.tensor(labels, dtype=torch.int64))
+        for paths, labels in splits.values()
+    )
+    return _make_dataset(name, train, test, tuple(classes), AugmentSpec(pad=4, flip=True, rotate_degrees=0.0))
+
+
+# ---- folder scanners: file lists and labels, shared by the in-memory loaders and files.scan_folder_dataset -----
+
+def scan_tiny_imagenet(data_dir: Path, where: str):
+    """``(classes, (train paths, labels), (val paths, labels))`` of a tiny-imagenet-200/ folder (or its parent);
+    errors start with ``where``."""
     required = ("wnids.txt", "train", "val/images", "val/val_annotations.txt")
     root = _dataset_root(data_dir, "tiny-imagenet-200", lambda d: all((d / r).exists() for r in required))
     if root is None:
         folder = data_dir / "tiny-imagenet-200" if (data_dir / "tiny-imagenet-200").is_dir() else data_dir
         missing = [r for r in required if not (folder / r).exists()]
-        raise FileNotFoundError(f"load_dataset({name!r}): data_dir must be {TINY_IMAGENET_LAYOUT}, or its parent; "
+        raise FileNotFoundError(f"{where}: data_dir must be {TINY_IMAGENET_LAYOUT}, or its parent; "
                                 f"missing {', '.join(missing)}; {_describe(folder)}")
-
     wnids_path = root / "wnids.txt"
     wnids = [line.strip() for line in wnids_path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not wnids or len(set(wnids)) != len(wnids):
         raise ValueError(f"Tiny-ImageNet file {str(wnids_path)!r} must list distinct wnids, one per line; "
                          f"got {len(wnids)} lines, {len(set(wnids))} distinct")
-    classes = tuple(sorted(wnids))
+    classes = sorted(wnids)
     index = {wnid: i for i, wnid in enumerate(classes)}
-
     train_paths, train_labels = [], []
     for wnid in classes:
         folder = root / "train" / wnid / "images"
         files = _list_images(folder) if folder.is_dir() else []
         if not files:
-            raise FileNotFoundError(f"load_dataset({name!r}): no images in {str(folder)!r} (wnid {wnid} is listed "
-                                    f"in wnids.txt); expected {TINY_IMAGENET_LAYOUT}; {_describe(root / 'train')}")
+            raise FileNotFoundError(f"{where}: no images in {str(folder)!r} (wnid {wnid} is listed in wnids.txt); "
+                                    f"expected {TINY_IMAGENET_LAYOUT}; {_describe(root / 'train')}")
         train_paths += files
         train_labels += [index[wnid]] * len(files)
-
     ann_path = root / "val" / "val_annotations.txt"
     val = {}
     for lineno, line in enumerate(ann_path.read_text(encoding="utf-8").splitlines(), start=1):
@@ -629,60 +657,43 @@ def _load_tiny_imagenet(data_dir: Path, size: int) -> ImageDataset:
     present = {p.name for p in val_dir.iterdir()}
     missing = sorted(set(val) - present)
     if missing or not val:
-        raise FileNotFoundError(f"load_dataset({name!r}): {str(ann_path)!r} lists {len(val)} images, "
-                                f"{len(missing)} missing from {str(val_dir)!r} (e.g. {missing[:3]})")
-    val_names = sorted(val)
-
-    _check_decoded_size(name, len(train_paths) + len(val_names), size)
-    train = (decode_images(train_paths, size, center_crop=False), torch.tensor(train_labels, dtype=torch.int64))
-    test = (decode_images([val_dir / f for f in val_names], size, center_crop=False),
-            torch.tensor([val[f] for f in val_names], dtype=torch.int64))
-    return _make_dataset(name, train, test, classes, AugmentSpec(pad=4, flip=True, rotate_degrees=0.0))
+        raise FileNotFoundError(f"{where}: {str(ann_path)!r} lists {len(val)} images, {len(missing)} missing from "
+                                f"{str(val_dir)!r} (e.g. {missing[:3]})")
+    names = sorted(val)
+    return classes, (train_paths, train_labels), ([val_dir / f for f in names], [val[f] for f in names])
 
 
-# ---- generic ImageFolder (ImageNet layout) -----------------------------------------------------------------------
-
-def _class_folders(split_dir: Path) -> list[str]:
-    return sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
-
-
-def _load_imagefolder(root: Path, size: int) -> ImageDataset:
-    name = "imagefolder"
+def scan_imagefolder(root: Path, where: str):
+    """``(classes, (train paths, labels), (val-or-test paths, labels))`` of an ImageFolder root; errors start
+    with ``where``."""
     test_dir = next((root / s for s in ("val", "test") if (root / s).is_dir()), None)
     if not (root / "train").is_dir() or test_dir is None:
         missing = [s for s, ok in (("train/", (root / "train").is_dir()), ("val/ (or test/)", test_dir is not None))
                    if not ok]
-        raise FileNotFoundError(f"load_dataset({name!r}): data_dir must hold {IMAGEFOLDER_LAYOUT}; missing "
-                                f"{', '.join(missing)}; {_describe(root)}")
+        raise FileNotFoundError(f"{where}: data_dir must hold {IMAGEFOLDER_LAYOUT}; missing {', '.join(missing)}; "
+                                f"{_describe(root)}")
     classes = _class_folders(root / "train")
     if not classes:
-        raise FileNotFoundError(f"load_dataset({name!r}): no class folders in {str(root / 'train')!r}; expected "
+        raise FileNotFoundError(f"{where}: no class folders in {str(root / 'train')!r}; expected "
                                 f"{IMAGEFOLDER_LAYOUT}; {_describe(root / 'train')}")
     test_classes = _class_folders(test_dir)
     if test_classes != classes:
         only_train = sorted(set(classes) - set(test_classes))
         only_test = sorted(set(test_classes) - set(classes))
-        raise ValueError(f"load_dataset({name!r}): {str(test_dir)!r} must have the same class folders as "
-                         f"{str(root / 'train')!r}; only in train: {only_train[:10]}, only in "
-                         f"{test_dir.name}: {only_test[:10]}")
-
-    splits = {}
+        raise ValueError(f"{where}: {str(test_dir)!r} must have the same class folders as {str(root / 'train')!r}; "
+                         f"only in train: {only_train[:10]}, only in {test_dir.name}: {only_test[:10]}")
+    splits = []
     for split_dir in (root / "train", test_dir):
         paths, labels = [], []
         for label, cls in enumerate(classes):
             files = _list_images(split_dir / cls)
             if not files and split_dir.name == "train":
-                raise FileNotFoundError(f"load_dataset({name!r}): class folder {str(split_dir / cls)!r} has no "
+                raise FileNotFoundError(f"{where}: class folder {str(split_dir / cls)!r} has no "
                                         f"{'/'.join(IMAGE_EXTENSIONS)} files")
             paths += files
             labels += [label] * len(files)
         if not paths:
-            raise FileNotFoundError(f"load_dataset({name!r}): no {'/'.join(IMAGE_EXTENSIONS)} files in the class "
-                                    f"folders of {str(split_dir)!r}; expected {IMAGEFOLDER_LAYOUT}")
-        splits[split_dir.name] = (paths, labels)
-    _check_decoded_size(name, sum(len(p) for p, _ in splits.values()), size)
-    train, test = (
-        (decode_images(paths, size, center_crop=True), torch.tensor(labels, dtype=torch.int64))
-        for paths, labels in splits.values()
-    )
-    return _make_dataset(name, train, test, tuple(classes), AugmentSpec(pad=4, flip=True, rotate_degrees=0.0))
+            raise FileNotFoundError(f"{where}: no {'/'.join(IMAGE_EXTENSIONS)} files in the class folders of "
+                                    f"{str(split_dir)!r}; expected {IMAGEFOLDER_LAYOUT}")
+        splits.append((paths, labels))
+    return classes, splits[0], splits[1]

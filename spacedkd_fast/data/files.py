@@ -60,13 +60,10 @@ import torch
 from torch import Tensor
 
 from spacedkd_fast.data.datasets import (
-    IMAGE_EXTENSIONS,
     IMAGEFOLDER_LAYOUT,
     TINY_IMAGENET_LAYOUT,
-    _class_folders,
-    _dataset_root,
-    _describe,
-    _list_images,
+    scan_imagefolder,
+    scan_tiny_imagenet,
 )
 
 __all__ = ["FILE_DATASET_NAMES", "IMAGENET_MEAN", "IMAGENET_STD", "CropParams", "FileDataset", "ResizedCropSpec",
@@ -319,100 +316,14 @@ def scan_folder_dataset(name: str, data_dir: str | os.PathLike, *, image_size: i
     if not root.is_dir():
         raise FileNotFoundError(f"scan_folder_dataset: data_dir {str(root)!r} for {canonical!r} is not a "
                                 f"directory; expected {layout}")
-    scan = _scan_tiny_imagenet if canonical == "tiny-imagenet" else _scan_imagefolder
-    classes, (train_paths, train_labels), (test_paths, test_labels) = scan(root)
+    scan = scan_tiny_imagenet if canonical == "tiny-imagenet" else scan_imagefolder
+    classes, (train_paths, train_labels), (test_paths, test_labels) = scan(root, f"scan_folder_dataset({canonical!r})")
     return FileDataset(name=canonical, train_files=tuple(str(p) for p in train_paths),
                        train_labels=torch.tensor(train_labels, dtype=torch.int64),
                        test_files=tuple(str(p) for p in test_paths),
                        test_labels=torch.tensor(test_labels, dtype=torch.int64), num_classes=len(classes),
                        classes=tuple(classes), mean=IMAGENET_MEAN, std=IMAGENET_STD,
                        crop=ResizedCropSpec(size=image_size), image_size=image_size)
-
-
-# The two scanners follow datasets.py's readers step by step (same checks, same messages), minus the decoding.
-
-def _scan_tiny_imagenet(data_dir: Path):
-    where = "scan_folder_dataset('tiny-imagenet')"
-    required = ("wnids.txt", "train", "val/images", "val/val_annotations.txt")
-    root = _dataset_root(data_dir, "tiny-imagenet-200", lambda d: all((d / r).exists() for r in required))
-    if root is None:
-        folder = data_dir / "tiny-imagenet-200" if (data_dir / "tiny-imagenet-200").is_dir() else data_dir
-        missing = [r for r in required if not (folder / r).exists()]
-        raise FileNotFoundError(f"{where}: data_dir must be {TINY_IMAGENET_LAYOUT}, or its parent; "
-                                f"missing {', '.join(missing)}; {_describe(folder)}")
-    wnids_path = root / "wnids.txt"
-    wnids = [line.strip() for line in wnids_path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not wnids or len(set(wnids)) != len(wnids):
-        raise ValueError(f"Tiny-ImageNet file {str(wnids_path)!r} must list distinct wnids, one per line; "
-                         f"got {len(wnids)} lines, {len(set(wnids))} distinct")
-    classes = sorted(wnids)
-    index = {wnid: i for i, wnid in enumerate(classes)}
-    train_paths, train_labels = [], []
-    for wnid in classes:
-        folder = root / "train" / wnid / "images"
-        files = _list_images(folder) if folder.is_dir() else []
-        if not files:
-            raise FileNotFoundError(f"{where}: no images in {str(folder)!r} (wnid {wnid} is listed in wnids.txt); "
-                                    f"expected {TINY_IMAGENET_LAYOUT}; {_describe(root / 'train')}")
-        train_paths += files
-        train_labels += [index[wnid]] * len(files)
-    ann_path = root / "val" / "val_annotations.txt"
-    val = {}
-    for lineno, line in enumerate(ann_path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        fields = line.split("\t")
-        if len(fields) < 2:
-            raise ValueError(f"Tiny-ImageNet file {str(ann_path)!r} line {lineno}: expected tab-separated "
-                             f"'filename, wnid, x0, y0, x1, y1', got {line!r}")
-        filename, wnid = fields[0].strip(), fields[1].strip()
-        if wnid not in index:
-            raise ValueError(f"Tiny-ImageNet file {str(ann_path)!r} line {lineno}: wnid {wnid!r} is not in "
-                             f"{str(wnids_path)!r}")
-        val[filename] = index[wnid]
-    val_dir = root / "val" / "images"
-    present = {p.name for p in val_dir.iterdir()}
-    missing = sorted(set(val) - present)
-    if missing or not val:
-        raise FileNotFoundError(f"{where}: {str(ann_path)!r} lists {len(val)} images, {len(missing)} missing from "
-                                f"{str(val_dir)!r} (e.g. {missing[:3]})")
-    names = sorted(val)
-    return classes, (train_paths, train_labels), ([val_dir / f for f in names], [val[f] for f in names])
-
-
-def _scan_imagefolder(root: Path):
-    where = "scan_folder_dataset('imagefolder')"
-    test_dir = next((root / s for s in ("val", "test") if (root / s).is_dir()), None)
-    if not (root / "train").is_dir() or test_dir is None:
-        missing = [s for s, ok in (("train/", (root / "train").is_dir()), ("val/ (or test/)", test_dir is not None))
-                   if not ok]
-        raise FileNotFoundError(f"{where}: data_dir must hold {IMAGEFOLDER_LAYOUT}; missing {', '.join(missing)}; "
-                                f"{_describe(root)}")
-    classes = _class_folders(root / "train")
-    if not classes:
-        raise FileNotFoundError(f"{where}: no class folders in {str(root / 'train')!r}; expected "
-                                f"{IMAGEFOLDER_LAYOUT}; {_describe(root / 'train')}")
-    test_classes = _class_folders(test_dir)
-    if test_classes != classes:
-        only_train = sorted(set(classes) - set(test_classes))
-        only_test = sorted(set(test_classes) - set(classes))
-        raise ValueError(f"{where}: {str(test_dir)!r} must have the same class folders as {str(root / 'train')!r}; "
-                         f"only in train: {only_train[:10]}, only in {test_dir.name}: {only_test[:10]}")
-    splits = []
-    for split_dir in (root / "train", test_dir):
-        paths, labels = [], []
-        for label, cls in enumerate(classes):
-            files = _list_images(split_dir / cls)
-            if not files and split_dir.name == "train":
-                raise FileNotFoundError(f"{where}: class folder {str(split_dir / cls)!r} has no "
-                                        f"{'/'.join(IMAGE_EXTENSIONS)} files")
-            paths += files
-            labels += [label] * len(files)
-        if not paths:
-            raise FileNotFoundError(f"{where}: no {'/'.join(IMAGE_EXTENSIONS)} files in the class folders of "
-                                    f"{str(split_dir)!r}; expected {IMAGEFOLDER_LAYOUT}")
-        splits.append((paths, labels))
-    return classes, splits[0], splits[1]
 
 
 # ---- the torch renderer ------------------------------------------------------------------------------------------
