@@ -117,11 +117,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from spacedkd_fast.engine.distributed import shutdown
+
     try:
         summary = trainer.fit()
     except TrainingInterrupted as exc:
         print(f"\ninterrupted: {exc}", file=sys.stderr)
         return 130
+    finally:
+        shutdown(trainer.dist)
     if trainer.dist.is_main:
         print(summary.table())
     return 0

@@ -51,5 +51,10 @@ def all_reduce_sum(tensor: torch.Tensor, info: DistInfo, group=None) -> torch.Te
 
 
 def shutdown(info: DistInfo) -> None:
+    """Leave the process group cleanly (a barrier first, so no rank tears down gloo/nccl threads while another
+    still talks to it; exiting without this can abort with "terminate called without an active exception")."""
     if info.enabled and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
