@@ -70,3 +70,21 @@ def check_against_reference(student, teacher, target=None, *, backend, grad_outp
     # The caller's logits are never overwritten.
     assert torch.equal(s.detach(), s_before) and torch.equal(t.detach(), t_before)
     return out, ref
+
+
+# Damage done to a miniature tiny-imagenet-200/ (train/<wnid>/images/<wnid>_<i>.JPEG, val/images/val_0..3.JPEG) and
+# the error it must raise: the layout checks of the one folder scanner behind load_dataset and scan_folder_dataset.
+TINY_IMAGENET_LAYOUT_DAMAGE = [
+    (lambda r: (r / "val" / "val_annotations.txt").unlink(), FileNotFoundError,
+     r"tiny-imagenet-200/ with wnids.txt, train/<wnid>/images/\*.JPEG.*missing val/val_annotations.txt"),
+    (lambda r: (r / "wnids.txt").unlink(), FileNotFoundError, r"missing wnids.txt; found in"),
+    (lambda r: (r / "wnids.txt").write_text("n01\nn02\nn03\nn04\n"), FileNotFoundError,
+     r"no images in .*n04.*expected tiny-imagenet-200/"),
+    (lambda r: (r / "wnids.txt").write_text("n01\nn01\n"), ValueError, r"must list distinct wnids"),
+    (lambda r: (r / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn09\t0\t0\t1\t1\n"), ValueError,
+     r"line 1: wnid 'n09' is not in"),
+    (lambda r: (r / "val" / "val_annotations.txt").write_text("val_0.JPEG n01\n"), ValueError,
+     r"line 1: expected tab-separated 'filename, wnid"),
+    (lambda r: (r / "val" / "images" / "val_2.JPEG").unlink(), FileNotFoundError,
+     r"lists 4 images, 1 missing .*val_2.JPEG"),
+]

@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import TINY_IMAGENET_LAYOUT_DAMAGE
 from PIL import Image
 
 from spacedkd_fast.data import DATASET_NAMES, AugmentSpec, ImageDataset, load_dataset
@@ -296,18 +297,7 @@ def test_tiny_imagenet_image_size(tmp_path):
     assert abs(d.test_images[3].float().mean() - 120) < 2
 
 
-@pytest.mark.parametrize("damage, error, pattern", [
-    (lambda r: (r / "val" / "val_annotations.txt").unlink(), FileNotFoundError,
-     r"tiny-imagenet-200/ with wnids.txt, train/<wnid>/images/\*.JPEG.*missing val/val_annotations.txt"),
-    (lambda r: (r / "wnids.txt").unlink(), FileNotFoundError, r"missing wnids.txt; found in"),
-    (lambda r: (r / "wnids.txt").write_text("n01\nn02\nn03\nn04\n"), FileNotFoundError,
-     r"no images in .*n04.*expected tiny-imagenet-200/"),
-    (lambda r: (r / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn09\t0\t0\t1\t1\n"), ValueError,
-     r"line 1: wnid 'n09' is not in"),
-    (lambda r: (r / "val" / "val_annotations.txt").write_text("val_0.JPEG n01\n"), ValueError,
-     r"line 1: expected tab-separated 'filename, wnid"),
-    (lambda r: (r / "val" / "images" / "val_2.JPEG").unlink(), FileNotFoundError,
-     r"lists 4 images, 1 missing .*val_2.JPEG"),
+@pytest.mark.parametrize("damage, error, pattern", TINY_IMAGENET_LAYOUT_DAMAGE + [
     (lambda r: (r / "train" / "n01" / "images" / "n01_1.JPEG").write_bytes(b"\xff\xd8 not a jpeg"), ValueError,
      r"cannot decode image .*n01_1.JPEG"),
 ])

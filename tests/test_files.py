@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import TINY_IMAGENET_LAYOUT_DAMAGE
 from PIL import Image
 
 from spacedkd_fast.data.files import (
@@ -316,20 +317,7 @@ def test_scan_imagefolder(tmp_path, test_name):
     assert "FileDataset('imagefolder', train=5, test=2, image_size=224" in repr(d)
 
 
-@pytest.mark.parametrize("damage, error, pattern", [
-    (lambda r: (r / "val" / "val_annotations.txt").unlink(), FileNotFoundError,
-     r"tiny-imagenet-200/ with wnids.txt, train/<wnid>/images/\*.JPEG.*missing val/val_annotations.txt"),
-    (lambda r: (r / "wnids.txt").unlink(), FileNotFoundError, r"missing wnids.txt; found in"),
-    (lambda r: (r / "wnids.txt").write_text("n01\nn02\nn03\nn04\n"), FileNotFoundError,
-     r"no images in .*n04.*expected tiny-imagenet-200/"),
-    (lambda r: (r / "wnids.txt").write_text("n01\nn01\n"), ValueError, r"must list distinct wnids"),
-    (lambda r: (r / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn09\t0\t0\t1\t1\n"), ValueError,
-     r"line 1: wnid 'n09' is not in"),
-    (lambda r: (r / "val" / "val_annotations.txt").write_text("val_0.JPEG n01\n"), ValueError,
-     r"line 1: expected tab-separated 'filename, wnid"),
-    (lambda r: (r / "val" / "images" / "val_2.JPEG").unlink(), FileNotFoundError,
-     r"lists 4 images, 1 missing .*val_2.JPEG"),
-])
+@pytest.mark.parametrize("damage, error, pattern", TINY_IMAGENET_LAYOUT_DAMAGE)
 def test_scan_tiny_imagenet_layout_errors(tmp_path, damage, error, pattern):
     root = tmp_path / "tiny-imagenet-200"
     make_tiny(root)
