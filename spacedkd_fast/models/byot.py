@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from spacedkd_fast.models.resnet_cifar import BasicBlock, Block, Bottleneck, conv3x3, init_weights, make_stage
+from spacedkd_fast.models.resnet_cifar import BasicBlock, Block, Bottleneck, add_backbone, init_weights
 
 __all__ = ["AttentionGate", "ByotResNet", "SepConv", "byot_resnet"]
 
@@ -106,17 +106,9 @@ class ByotResNet(nn.Module):
         if any(b != 2 * a for a, b in zip(widths, widths[1:])):
             raise ValueError(f"ByotResNet: widths must double from stage to stage, got {tuple(widths)}")
         self.num_classes = num_classes
-        self.conv1 = conv3x3(in_channels, widths[0])
-        self.bn1 = nn.BatchNorm2d(widths[0])
-        self.relu = nn.ReLU(inplace=True)
-        channels = widths[0]
-        stage_channels = []
-        for i, (n, planes, stride) in enumerate(zip(num_blocks, widths, (1, 2, 2, 2))):
-            stage, channels = make_stage(block, channels, planes, n, stride)
-            self.add_module(f"layer{i + 1}", stage)
-            stage_channels.append(channels)
-        self.stage_channels = tuple(stage_channels)
-        self.feature_dim = channels
+        stage_channels = add_backbone(self, block, num_blocks, widths, (1, 2, 2, 2), in_channels)
+        self.stage_channels = stage_channels
+        self.feature_dim = stage_channels[-1]
 
         self.gates = nn.ModuleList(AttentionGate(c) for c in stage_channels[:3])
         branches = []

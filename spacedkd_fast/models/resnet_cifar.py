@@ -116,6 +116,21 @@ def make_stage(block: Block, in_channels: int, planes: int, num_blocks: int, str
     return nn.Sequential(*blocks), in_channels
 
 
+def add_backbone(module: nn.Module, block: Block, num_blocks: Sequence[int], widths: Sequence[int],
+                 strides: Sequence[int], in_channels: int) -> tuple[int, ...]:
+    """Register the CIFAR stem (``conv1``, ``bn1``, ``relu``) and the stages ``layer1..layerN`` on ``module``, in
+    that order (shared by :class:`CifarResNet` and the BYOT networks); returns each stage's output channels."""
+    module.conv1 = conv3x3(in_channels, widths[0])
+    module.bn1 = nn.BatchNorm2d(widths[0])
+    module.relu = nn.ReLU(inplace=True)
+    channels, stage_channels = widths[0], []
+    for i, (n, planes, stride) in enumerate(zip(num_blocks, widths, strides)):
+        stage, channels = make_stage(block, channels, planes, n, stride)
+        module.add_module(f"layer{i + 1}", stage)
+        stage_channels.append(channels)
+    return tuple(stage_channels)
+
+
 class CifarResNet(nn.Module):
     """A CIFAR-style ResNet: conv3×3 (stride 1) → BN → ReLU → stages ``layer1..layerN`` → global avg-pool → ``fc``.
 
@@ -152,18 +167,9 @@ class CifarResNet(nn.Module):
             raise ValueError(f"CifarResNet: num_blocks, widths and strides must have one entry per stage, got "
                              f"{len(num_blocks)}, {len(widths)} and {len(strides)}")
         self.num_classes = num_classes
-        self.conv1 = conv3x3(in_channels, widths[0])
-        self.bn1 = nn.BatchNorm2d(widths[0])
-        self.relu = nn.ReLU(inplace=True)
-        channels = widths[0]
-        stage_channels = []
+        self.stage_channels = add_backbone(self, block, num_blocks, widths, strides, in_channels)
         self._stage_names = tuple(f"layer{i + 1}" for i in range(len(widths)))
-        for name, n, planes, stride in zip(self._stage_names, num_blocks, widths, strides):
-            stage, channels = make_stage(block, channels, planes, n, stride)
-            self.add_module(name, stage)
-            stage_channels.append(channels)
-        self.stage_channels = tuple(stage_channels)
-        self.feature_dim = channels
+        self.feature_dim = self.stage_channels[-1]
         # Adaptive pooling: any input size works (the 4-stage nets reach 1×1 at 8 px, 4×4 at 32 px).
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(self.feature_dim, num_classes)
