@@ -204,13 +204,9 @@ class FileBatchSource(BatchSource):
         return images, self.labels.index_select(0, plan.indices.to(self.device, non_blocking=True))
 
     def test_batches(self, batch_size: int):
-        n = len(self.dataset.test_files)
-        per_rank = math.ceil(n / self.world)
-        shard = range(self.rank * per_rank, min(n, (self.rank + 1) * per_rank))
-        for start in range(shard.start, shard.stop, batch_size):
-            stop = min(start + batch_size, shard.stop)
-            images = self.renderer.eval_batch(self.dataset.test_files[start:stop])
-            yield images, self.dataset.test_labels[start:stop].to(self.device)
+        for chunk in shard_chunks(len(self.dataset.test_files), batch_size, self.rank, self.world):
+            images = self.renderer.eval_batch(self.dataset.test_files[chunk])
+            yield images, self.dataset.test_labels[chunk].to(self.device)
 
     def close(self) -> None:
         self.renderer.close()
@@ -221,10 +217,15 @@ def make_source(dataset, **kwargs) -> BatchSource:
     return (FileBatchSource if isinstance(dataset, FileDataset) else BatchSource)(dataset, **kwargs)
 
 
+def shard_chunks(n: int, batch_size: int, rank: int = 0, world: int = 1):
+    """Slices of this rank's contiguous shard of ``n`` test samples, ``batch_size`` at a time."""
+    per_rank = math.ceil(n / world)
+    stop = min(n, (rank + 1) * per_rank)
+    for start in range(rank * per_rank, stop, batch_size):
+        yield slice(start, min(start + batch_size, stop))
+
+
 def evaluation_batches(images: Tensor, labels: Tensor, batch_size: int, rank: int = 0, world: int = 1):
     """This rank's shard of a test set in fixed-size chunks: yields ``(uint8 images, labels)`` slices."""
-    n = images.shape[0]
-    shard = range(rank * math.ceil(n / world), min(n, (rank + 1) * math.ceil(n / world)))
-    for start in range(shard.start, shard.stop, batch_size):
-        stop = min(start + batch_size, shard.stop)
-        yield images[start:stop], labels[start:stop]
+    for chunk in shard_chunks(images.shape[0], batch_size, rank, world):
+        yield images[chunk], labels[chunk]
