@@ -32,19 +32,17 @@ def _run_cpp(problem: KDProblem, student4, teacher3, temperature, ce_weight, kd_
     from spacedkd_fast import _C
 
     target = problem.target
-    grad_scale = 1.0
     if target is not None:
         target = target.to(torch.int64).contiguous()
-    if reduction == "mean" and (grad_student or grad_teacher):
-        count = problem.num_rows if target is None else int((target != problem.ignore_index).sum())
-        grad_scale = 1.0 / max(count, 1)
+    # On CPU the number of non-ignored rows costs no sync: count it once, for the gradient scale and the loss.
+    count = 1
+    if reduction == "mean":
+        count = max(problem.num_rows if target is None else int((target != problem.ignore_index).sum()), 1)
     loss, grad_s, grad_t = _C.kd_loss_forward(
         student4, teacher3, target, temperature, ce_weight, kd_weight, label_smoothing, problem.ignore_index,
-        grad_scale, grad_student, grad_teacher)
+        1.0 / count, grad_student, grad_teacher)
     if reduction != "none":
-        loss = loss.sum(dim=1)
-        if reduction == "mean":
-            loss = loss / problem.valid_count(torch.float32).clamp_min(1)
+        loss = loss.sum(dim=1) / count
     return loss, grad_s, grad_t
 
 
