@@ -8,6 +8,7 @@ import math
 import subprocess
 import sys
 import textwrap
+import threading
 
 import numpy as np
 import pytest
@@ -362,3 +363,46 @@ def test_gpu_renderers_match_cpu_twins(jpeg_folder):
     on_gpu = DaliFileRenderer(spec, torch.device("cuda")).train_batch(jpeg_folder, crop)
     assert (on_gpu.cpu().int() - on_cpu.int()).abs().float().mean() < 2.0
     assert math.isfinite(float(on_gpu.float().mean()))
+
+
+def _run_in_threads(jobs, timeout=60):
+    """Run each ``job() -> list`` in its own thread at once; their results, or a failure naming a hang/error."""
+    results, errors = [None] * len(jobs), []
+
+    def work(k):
+        try:
+            results[k] = jobs[k]()
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(k,), daemon=True) for k in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    assert not any(t.is_alive() for t in threads), "a rendering thread hung (interleaved DALI feeds)"
+    assert not errors, errors
+    return results
+
+
+@needs_dali
+def test_renderers_are_safe_to_share_between_threads(jpeg_folder):
+    """The prefetch thread renders fresh batches while the training thread regenerates replayed ones, on one
+    renderer: calls from two threads must neither mix their inputs nor deadlock (they did, before the lock)."""
+    from spacedkd_fast.data.dali import DaliArrayAugmenter, DaliFileRenderer
+
+    spec = AugmentSpec(pad=4, flip=True, rotate_degrees=15)
+    aug = DaliArrayAugmenter((3, 32, 32), 4, torch.device("cpu"))
+    calls = [[(_images(4, 3, 32, 32, seed=k), sample_params(spec, 4, torch.Generator().manual_seed(100 * k + i),
+                                                            "cpu")) for i in range(150)] for k in range(2)]
+    want = [[aug(images, params) for images, params in job] for job in calls]
+    got = _run_in_threads([lambda job=job: [aug(images, params) for images, params in job] for job in calls])
+    assert all(torch.equal(g, w) for k in range(2) for g, w in zip(got[k], want[k]))
+
+    crop = ResizedCropSpec(size=8)
+    renderer = DaliFileRenderer(crop, torch.device("cpu"), max_batch=3)
+    file_calls = [[(jpeg_folder[i % 7:i % 7 + 3], sample_crop_params(crop, 3, torch.Generator().manual_seed(i + k)))
+                   for i in range(30)] for k in range(2)]
+    want = [[renderer.train_batch(files, params) for files, params in job] for job in file_calls]
+    got = _run_in_threads([lambda job=job: [renderer.train_batch(f, p) for f, p in job] for job in file_calls])
+    assert all(torch.equal(g, w) for k in range(2) for g, w in zip(got[k], want[k]))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import math
 import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
@@ -185,6 +186,10 @@ class DaliArrayAugmenter:
         self._device_id = _device_id(d, self.device, "DaliArrayAugmenter")
         self._pipe = self._build(d)
         self._keepalive = None  # the last fed image buffer (zero-copy input): alive until the next call
+        # feed_input + run + copy must not interleave between threads (the prefetch thread renders fresh batches
+        # while the training thread regenerates replayed ones): interleaved feeds pair one call's images with
+        # another's parameters, or deadlock the pipeline.
+        self._lock = threading.Lock()
 
     def _build(self, d: SimpleNamespace):
         fn, types = d.fn, d.types
@@ -252,17 +257,18 @@ class DaliArrayAugmenter:
         anchor = np.stack([params.dy.numpy(), params.dx.numpy()], axis=1).astype(np.int32)
         matrix = warp_matrices(params, height, width)
         pipe = self._pipe
-        if self.device.type == "cuda":
-            stream = torch.cuda.current_stream(self.device)
-            pipe.feed_input("images", hwc, cuda_stream=stream)  # DALI waits for `stream` before reading
-        else:
-            stream = None
-            pipe.feed_input("images", hwc.numpy())
-        pipe.feed_input("anchor", anchor)
-        pipe.feed_input("matrix", matrix)
-        self._keepalive = hwc
-        (out,) = pipe.run(stream) if stream is not None else pipe.run()
-        return _copy_out(out, (batch, channels, height, width), self.device, stream)
+        with self._lock:
+            if self.device.type == "cuda":
+                stream = torch.cuda.current_stream(self.device)
+                pipe.feed_input("images", hwc, cuda_stream=stream)  # DALI waits for `stream` before reading
+            else:
+                stream = None
+                pipe.feed_input("images", hwc.numpy())
+            pipe.feed_input("anchor", anchor)
+            pipe.feed_input("matrix", matrix)
+            self._keepalive = hwc
+            (out,) = pipe.run(stream) if stream is not None else pipe.run()
+            return _copy_out(out, (batch, channels, height, width), self.device, stream)
 
 
 # ---- image files -------------------------------------------------------------------------------------------------
@@ -341,6 +347,7 @@ class DaliFileRenderer:
         self._pipes: dict[str, object] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._keepalive = None
+        self._lock = threading.Lock()  # one feed + run + copy at a time (see DaliArrayAugmenter)
 
     # -- graphs --
 
@@ -417,19 +424,22 @@ class DaliFileRenderer:
         batch = len(files)
         if batch == 0:
             return torch.empty((0, 3, self.size, self.size), dtype=torch.uint8, device=self.device)
-        encoded = self._read_all(files)
-        self._keepalive = encoded  # fed zero-copy: kept until the next call, after DALI is done with it
-        pipe = self._pipeline(kind, batch)
+        encoded = self._read_all(files)  # outside the lock: another thread's batch may decode meanwhile
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
-        try:
-            pipe.feed_input("encoded", encoded)
-            for name, value in inputs.items():
-                pipe.feed_input(name, value)
-            (out,) = pipe.run(stream) if stream is not None else pipe.run()
-        except RuntimeError as exc:
-            self._pipes.pop(kind, None)  # do not reuse a pipeline that failed mid-iteration
-            _raise_decode_error(files, exc)
-        return _copy_out(out, (batch, 3, self.size, self.size), self.device, stream)
+        with self._lock:
+            self._keepalive = encoded  # fed zero-copy: kept until the next call, after DALI is done with it
+            pipe = self._pipeline(kind, batch)
+            try:
+                pipe.feed_input("encoded", encoded)
+                for name, value in inputs.items():
+                    pipe.feed_input(name, value)
+                (out,) = pipe.run(stream) if stream is not None else pipe.run()
+            except RuntimeError as exc:
+                self._pipes.pop(kind, None)  # do not reuse a pipeline that failed mid-iteration
+                error = exc
+            else:
+                return _copy_out(out, (batch, 3, self.size, self.size), self.device, stream)
+        _raise_decode_error(files, error)
 
     def train_batch(self, files: Sequence[str], params: CropParams) -> Tensor:
         """Decode ``files``, crop each to its box, resize to S×S, flip: ``uint8 (b, 3, S, S)`` on the device.
@@ -520,7 +530,8 @@ class DaliFileRenderer:
 
     def close(self) -> None:
         """Release the pipelines and the reading threads (a later call builds them again)."""
-        self._pipes.clear()
+        with self._lock:
+            self._pipes.clear()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
