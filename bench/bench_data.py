@@ -60,7 +60,7 @@ def _array_epoch_torch(images_dev):
         apply_augment(batch, params.to(DEVICE))
 
 
-def _array_epoch_dali(augmenter, images_dev):
+def _array_epoch_dali(augmenter, images_dev):  # images_dev: channels-last, as BatchSource stores it for DALI
     for start in range(0, ARRAY_IMAGES, ARRAY_BATCH):
         batch = images_dev[start:start + ARRAY_BATCH]
         augmenter(batch, sample_params(SPEC, batch.shape[0], torch.Generator().manual_seed(start), "cpu"))
@@ -95,7 +95,8 @@ def test_array_augmentation(measure, arrays, provider):
         from spacedkd_fast.data.dali import DaliArrayAugmenter
 
         augmenter = DaliArrayAugmenter((3, 32, 32), ARRAY_BATCH, DEVICE)
-        fn = lambda: _array_epoch_dali(augmenter, images_dev)  # noqa: E731
+        channels_last = images_dev.contiguous(memory_format=torch.channels_last)
+        fn = lambda: _array_epoch_dali(augmenter, channels_last)  # noqa: E731
     else:
         loader = torch.utils.data.DataLoader(_ArrayDataset(arrays), batch_size=ARRAY_BATCH, num_workers=CORES,
                                              persistent_workers=True, pin_memory=ON_CUDA)

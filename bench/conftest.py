@@ -1,5 +1,5 @@
 """Benchmark harness over pytest-benchmark: device-synchronized timing, throughput units, speedups against the
-baseline measured in the same run, and one results JSON per run with device, versions and commit.
+baseline measured in the same run, and one results JSON per device and day with versions and commits.
 
 Every benchmark calls the ``measure`` fixture::
 
@@ -7,7 +7,8 @@ Every benchmark calls the ``measure`` fixture::
             bytes_moved=..., items=...)
 
 At the end of the session the results are printed as a table and written to
-``bench/results/<device>-<date>.json`` (or ``--bench-out PATH``).
+``bench/results/<device>-<date>.json`` (or ``--bench-out PATH``); a partial run replaces only the groups it
+measured in an existing file.
 """
 
 from __future__ import annotations
@@ -136,6 +137,29 @@ def _add_speedups(results: list[dict]) -> None:
                 r["pct_of_copy_bandwidth"] = 100.0 * r["GB_per_s"] / peak
 
 
+def _merge_with_earlier(out: Path, results: list[dict]) -> list[dict]:
+    """This run's results plus the earlier ones in ``out`` (same device) whose groups were not re-measured.
+
+    A partial run (``pytest bench/ -k ...``) then updates the day's file instead of wiping it. Whole groups are
+    replaced, because the speedups inside a group compare providers measured in the same run; every result carries
+    the commit and date it was measured at.
+    """
+    if not out.exists():
+        return results
+    try:
+        earlier = json.loads(out.read_text())
+    except (OSError, ValueError):
+        return results  # unreadable: overwrite it
+    if earlier.get("device") != device_name():
+        return results
+    fresh = {r["group"] for r in results}
+    kept = [r for r in earlier.get("results", []) if r.get("group") not in fresh]
+    for r in kept:  # files written before results carried their own commit
+        r.setdefault("commit", earlier.get("commit"))
+        r.setdefault("date", earlier.get("date"))
+    return kept + results
+
+
 def pytest_sessionfinish(session, exitstatus):
     if not RESULTS:
         return
@@ -143,16 +167,19 @@ def pytest_sessionfinish(session, exitstatus):
     slug = re.sub(r"[^A-Za-z0-9]+", "-", "cuda-" + device_name() if ON_CUDA else "cpu").strip("-").lower()
     out = session.config.getoption("--bench-out") or str(
         RESULTS_DIR / f"{slug}-{datetime.date.today().isoformat()}.json")
+    now, commit = datetime.datetime.now().isoformat(timespec="seconds"), _commit()
+    for r in RESULTS:
+        r.update(commit=commit, date=now)
     payload = {
         "device": device_name(),
         "cpu_threads": torch.get_num_threads(),
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "commit": _commit(),
+        "date": now,
+        "commit": commit,
         "versions": _versions(),
         "command": "pytest " + " ".join(session.config.invocation_params.args),
         "byte_counting": "kd_loss fwd: N·V·(e_s + e_t); fwd+bwd: N·V·(2·e_s + 2·e_t + e_g) (two-pass count, "
                          "10 B/elt in bf16); copy: bytes read + written",
-        "results": RESULTS,
+        "results": _merge_with_earlier(Path(out), RESULTS),
     }
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(payload, indent=2, default=str) + "\n")

@@ -177,6 +177,8 @@ def test_array_augmenter_determinism_and_fresh_outputs(device):
     # A non-contiguous batch (every other image of a larger one) gives the same as its contiguous copy.
     big = _images(32, 3, 32, 32, seed=2, device=device)
     assert torch.equal(aug(big[::2], params), aug(big[::2].contiguous(), params))
+    channels_last = images.contiguous(memory_format=torch.channels_last)  # the layout BatchSource stores for DALI
+    assert torch.equal(aug(channels_last, params), first) and aug(channels_last, params).is_contiguous()
     assert aug(images[:0], sample_params(spec, 0, torch.Generator(), "cpu")).shape == (0, 3, 32, 32)
 
 

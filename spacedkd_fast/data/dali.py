@@ -243,7 +243,8 @@ class DaliArrayAugmenter:
         """Augment a batch.
 
         Args:
-            images: ``uint8 (b, C, H, W)`` on the augmenter's device, ``b <= max_batch``, any strides.
+            images: ``uint8 (b, C, H, W)`` on the augmenter's device, ``b <= max_batch``, any strides; a
+                channels-last tensor (``memory_format=torch.channels_last``) is fed without a copy.
             params: :class:`~spacedkd_fast.data.augment.AugmentParams` of ``(b,)`` CPU tensors.
 
         Returns:

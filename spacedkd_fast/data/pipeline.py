@@ -120,6 +120,9 @@ class BatchSource:
             from spacedkd_fast.data.dali import DaliArrayAugmenter
 
             self._dali = DaliArrayAugmenter(self.image_shape, self.local_batch_size(0), self.device)
+            # Channels-last storage: a gathered batch is then already the HWC layout DALI's operators read, so
+            # no per-batch permute copy (worth ~20% of the CPU pipeline's throughput on CIFAR shapes).
+            self.images = self.images.contiguous(memory_format=torch.channels_last)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -149,11 +152,12 @@ class BatchSource:
         index = plan.indices.to(self.device, non_blocking=True)
         params = sample_params(self.dataset.augment, plan.indices.numel(),
                                torch.Generator().manual_seed(plan.seed), "cpu")
-        images = self.images.index_select(0, index)
         if self._dali is not None:
-            images = self._dali(images, params)
-        elif not self.dataset.augment.is_identity:
-            images = apply_augment(images, params.to(self.device))
+            images = self._dali(self.images[index], params)  # indexing (unlike index_select) keeps channels-last
+        else:
+            images = self.images.index_select(0, index)
+            if not self.dataset.augment.is_identity:
+                images = apply_augment(images, params.to(self.device))
         return images, self.labels.index_select(0, index)
 
     def batch(self, iteration: int) -> tuple[Tensor, Tensor]:
