@@ -49,7 +49,7 @@ def test_window_bandwidth(measure, batches, tier, phase):
     source, plans, rendered = batches
     tiers = {"device": TierPlan(SLOTS, 0, 0), "host": TierPlan(0, SLOTS, 0), "regenerate": TierPlan(0, 0, SLOTS)}
     window = WindowCache(SLOTS, SHAPE, BATCH, DEVICE, lambda u8: normalize(u8, (0.5,) * 3, (0.25,) * 3),
-                         tiers=tiers[tier], regenerate=source.render)
+                         tiers=tiers[tier], regenerate=source.regenerate)
 
     def fill():
         for i, (plan, (images, labels)) in enumerate(zip(plans, rendered)):

@@ -302,6 +302,12 @@ def test_epoch_batches_equal_train_batch(device, jpeg_folder):
         assert labs.dtype == torch.int64 and labs.device == images.device
         assert labs.cpu().tolist() == labels[i * bs:(i + 1) * bs].tolist()
     assert set(range(4)) <= set(calls)
+    # Padding a short batch to max_batch with its last file (the GPU default, so a regenerated batch has the
+    # reader's composition) changes none of its bytes.
+    padded = DaliFileRenderer(spec, torch.device(device), max_batch=bs, pad_batches=True)
+    assert padded.pad_batches and r.pad_batches == (device == "cuda")
+    assert torch.equal(padded.train_batch(files[12:], params_for_batch(3)), batches[3][0])
+    assert torch.equal(padded.train_batch(files[:4], params_for_batch(0)), batches[0][0])
     # Stopping early is fine, and a second epoch with another order works.
     pairs = lambda i: sample_crop_params(spec, min(2, 5 - 2 * i), torch.Generator().manual_seed(i))  # noqa: E731
     first = next(iter(r.epoch_batches(files[:5], labels[:5].tolist(), 2, pairs)))

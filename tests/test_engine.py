@@ -294,7 +294,12 @@ def test_streamed_folder_replays_exactly_in_every_tier(tmp_path, backend):
     traces = []
     for name, budgets in (("device", {}), ("regenerate", dict(window_budget=0.0, host_budget=0.0))):
         out = tmp_path / f"{backend}-{name}"
-        trainer = run(tiny(out=str(out), **common, **budgets))
+        trainer = Trainer(tiny(out=str(out), **common, **budgets), log=lambda *a: None)
+        opened = []  # DALI: fresh batches come from one file reader per epoch
+        open_reader = trainer.source._open_reader
+        trainer.source._open_reader = lambda i: (opened.append(i), open_reader(i))[1]
+        trainer.fit()
+        assert opened == ([0, 6] if backend == "dali" else [])
         assert trainer.source.__class__.__name__ == "FileBatchSource" and trainer.data_backend == backend
         assert trainer.source.image_shape == (3, 24, 24)
         records = read_jsonl(out / "batches.jsonl")

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from spacedkd_fast import backends
 from spacedkd_fast.data.datasets import AugmentSpec, ImageDataset
 from spacedkd_fast.data.pipeline import BatchSource, derive_seed
 
@@ -67,3 +68,45 @@ def test_derive_seed_is_stable():
     assert derive_seed(1, "augment", 5, 0) == derive_seed(1, "augment", 5, 0)
     assert derive_seed(1, "augment", 5, 0) != derive_seed(1, "augment", 5, 1)
     assert 0 <= derive_seed("x") < 2**63
+
+
+# ---- streamed folders: DALI's file reader for fresh batches, reads by name for regeneration ----------------------
+
+@pytest.fixture(scope="module")
+def jpeg_dataset(tmp_path_factory):
+    from test_files import save_image, smooth_image
+
+    from spacedkd_fast.data.files import scan_folder_dataset
+
+    root = tmp_path_factory.mktemp("folder")
+    for split, count in (("train", 11), ("val", 2)):
+        for c in range(2):
+            for i in range(count):
+                save_image(root / split / f"c{c}" / f"{i}.jpg", smooth_image(20 + 3 * i, 26 + c, seed=i + 30 * c))
+    return scan_folder_dataset("imagefolder", root, image_size=12)
+
+
+@pytest.mark.skipif(not backends.dali().available, reason="nvidia.dali is not installed")
+@pytest.mark.parametrize("rank, world", [(0, 1), (1, 2)])
+def test_dali_reader_batches_equal_reads_by_name(jpeg_dataset, rank, world):
+    """22 files, batch 8: iterations of 8, 8, 6 (per rank: 4, 4, 3). In-order renders come from one reader per
+    epoch; a jump opens another; every batch equals its regeneration (external_source by name) byte for byte."""
+    from spacedkd_fast.data.pipeline import FileBatchSource
+
+    src = FileBatchSource(jpeg_dataset, batch_size=8, seed=5, device="cpu", backend="dali", rank=rank, world=world)
+    assert src.iters_per_epoch == 3
+    opened = []
+    original = src._open_reader
+    src._open_reader = lambda i: (opened.append(i), original(i))[1]
+    iterations = [0, 1, 2, 3, 4, 1, 2, 7, 8]  # two epochs in order, a jump back, a resume mid-epoch
+    rendered = {i: src.render(src.plan(i)) for i in iterations}
+    assert opened == [0, 3, 1, 7]  # the epoch-0 reader, epoch 1's, the jump, the resume; in-order calls reuse them
+    for i in iterations:
+        images, labels = rendered[i]
+        again, again_labels = src.regenerate(src.plan(i))
+        assert images.shape == (len(range(rank, 8 if i % 3 < 2 else 6, world)), 3, 12, 12)
+        assert torch.equal(images, again), f"iteration {i}"
+        assert torch.equal(labels, again_labels)
+        assert labels.tolist() == jpeg_dataset.train_labels[src.plan(i).indices].tolist()
+    src.close()
+    assert src._reader is None

@@ -327,10 +327,16 @@ class DaliFileRenderer:
             per call).
         hw_decoder_load: share of JPEGs sent to the hardware decoder on GPUs that have one (A100, H100); DALI's
             default.
+        pad_batches: pad a :meth:`train_batch` shorter than ``max_batch`` with copies of its last file (outputs
+            dropped), as :meth:`epoch_batches`' reader pads an epoch's last batch. On a GPU the mixed decoder
+            shares a batch between the hardware and the CUDA decoders, which need not give identical pixels, so a
+            batch regenerated for replay must have exactly the composition it first had. Default: on CUDA only
+            (CPU decoding is per image).
     """
 
     def __init__(self, spec: ResizedCropSpec, device: torch.device, *, max_batch: int = 256,
-                 num_threads: int | None = None, prefetch: int = 2, hw_decoder_load: float = 0.65) -> None:
+                 num_threads: int | None = None, prefetch: int = 2, hw_decoder_load: float = 0.65,
+                 pad_batches: bool | None = None) -> None:
         self._d = _import_dali("DaliFileRenderer")
         if not isinstance(spec, ResizedCropSpec):
             raise TypeError(f"DaliFileRenderer: spec must be a ResizedCropSpec, got {type(spec).__name__}")
@@ -345,6 +351,7 @@ class DaliFileRenderer:
         if not 0.0 <= float(hw_decoder_load) <= 1.0:
             raise ValueError(f"DaliFileRenderer: hw_decoder_load must be in [0, 1], got {hw_decoder_load!r}")
         self.hw_decoder_load = float(hw_decoder_load)
+        self.pad_batches = self.device.type == "cuda" if pad_batches is None else bool(pad_batches)
         self._pipes: dict[str, object] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._keepalive = None
@@ -451,6 +458,12 @@ class DaliFileRenderer:
         """
         files = check_files(files, "DaliFileRenderer.train_batch")
         check_crop_params(params, len(files), "DaliFileRenderer.train_batch")
+        batch = len(files)
+        if self.pad_batches and 0 < batch < self.max_batch:
+            pad = self.max_batch - batch
+            files = files + [files[-1]] * pad
+            params = params.take(torch.cat([torch.arange(batch), torch.full((pad,), batch - 1)]))
+            return self._run("train", files, _crop_inputs(params))[:batch]
         return self._run("train", files, _crop_inputs(params))
 
     def eval_batch(self, files: Sequence[str]) -> Tensor:

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -160,6 +162,10 @@ class BatchSource:
                 images = apply_augment(images, params.to(self.device))
         return images, self.labels.index_select(0, index)
 
+    def regenerate(self, plan: BatchPlan) -> tuple[Tensor, Tensor]:
+        """Render an earlier plan again for the replay window, byte-identical to its first :meth:`render`."""
+        return self.render(plan)
+
     def batch(self, iteration: int) -> tuple[Tensor, Tensor]:
         """``render(plan(iteration))``."""
         return self.render(self.plan(iteration))
@@ -181,12 +187,30 @@ class BatchSource:
         pass
 
 
+class _EpochReader(NamedTuple):
+    """DALI's file reader over iterations ``[next_iteration, stop)``, the rest of one epoch."""
+
+    next_iteration: int
+    stop: int
+    batches: Iterator[tuple[Tensor, Tensor]]  # (uint8 images, sample indices) per iteration
+
+
 class FileBatchSource(BatchSource):
     """Training batches of a folder streamed from disk (:class:`~spacedkd_fast.data.files.FileDataset`): each
     batch is decoded when rendered (random resized crop + flip; centre crop for the test set), by the torch/PIL
-    renderer or DALI's ("mixed" JPEG decoding on a GPU). Plans, order and sharding are those of BatchSource."""
+    renderer or DALI's ("mixed" JPEG decoding on a GPU). Plans, order and sharding are those of BatchSource.
+
+    With DALI, fresh batches come from DALI's file reader (``fn.readers.file``, reading and decoding ahead in its
+    own threads): :meth:`render` keeps one reader open over the rest of the current epoch, fed this rank's files in
+    plan order, and takes the next batch from it while the requests arrive in order (the teacher's fresh
+    batches); any other request opens a reader at that iteration. :meth:`regenerate` (the replay window's
+    regenerate tier, resuming) reads files by name instead (``fn.external_source``), the same graph after the
+    read, so the bytes are those of the first render. The reader is handed the sample indices as its labels and
+    each batch's indices are checked against the plan.
+    """
 
     def _setup_storage(self) -> None:
+        self._reader: _EpochReader | None = None  # DALI: the reader over the rest of the current epoch
         if self.backend == "dali":
             from spacedkd_fast.data.dali import DaliFileRenderer
 
@@ -201,11 +225,45 @@ class FileBatchSource(BatchSource):
     def image_shape(self) -> tuple[int, int, int]:
         return self.dataset.image_shape
 
+    def _crop_params(self, plan: BatchPlan):
+        return sample_crop_params(self.dataset.crop, plan.indices.numel(), torch.Generator().manual_seed(plan.seed))
+
+    def _labels(self, plan: BatchPlan) -> Tensor:
+        return self.labels.index_select(0, plan.indices.to(self.device, non_blocking=True))
+
     def render(self, plan: BatchPlan) -> tuple[Tensor, Tensor]:
+        if self.backend != "dali":
+            return self.regenerate(plan)
+        reader = self._reader
+        if reader is None or reader.next_iteration != plan.iteration or plan.iteration == reader.stop:
+            reader = self._open_reader(plan.iteration)
+        images, indices = next(reader.batches)
+        self._reader = reader._replace(next_iteration=plan.iteration + 1)
+        if not torch.equal(indices.cpu(), plan.indices):  # cannot happen unless the reader's order broke
+            raise RuntimeError(f"DALI's file reader delivered samples {indices[:4].tolist()}... for iteration "
+                               f"{plan.iteration}, whose plan holds {plan.indices[:4].tolist()}...")
+        return images, self._labels(plan)
+
+    def regenerate(self, plan: BatchPlan) -> tuple[Tensor, Tensor]:
         files = [self.dataset.train_files[i] for i in plan.indices.tolist()]
-        params = sample_crop_params(self.dataset.crop, len(files), torch.Generator().manual_seed(plan.seed))
-        images = self.renderer.train_batch(files, params)
-        return images, self.labels.index_select(0, plan.indices.to(self.device, non_blocking=True))
+        return self.renderer.train_batch(files, self._crop_params(plan)), self._labels(plan)
+
+    def _open_reader(self, iteration: int) -> _EpochReader:
+        """A DALI file reader over this rank's files from ``iteration`` to the end of its epoch."""
+        self._close_reader()
+        stop = (iteration // self.iters_per_epoch + 1) * self.iters_per_epoch
+        plans = [self.plan(i) for i in range(iteration, stop)]
+        indices = torch.cat([p.indices for p in plans])
+        files = [self.dataset.train_files[i] for i in indices.tolist()]
+        batches = self.renderer.epoch_batches(files, indices, plans[0].indices.numel(),
+                                              lambda i: self._crop_params(plans[i]))
+        self._reader = _EpochReader(iteration, stop, batches)
+        return self._reader
+
+    def _close_reader(self) -> None:
+        if self._reader is not None:
+            self._reader.batches.close()  # runs epoch_batches' cleanup: the pipeline and its threads go
+            self._reader = None
 
     def test_batches(self, batch_size: int):
         for chunk in shard_chunks(len(self.dataset.test_files), batch_size, self.rank, self.world):
@@ -213,6 +271,7 @@ class FileBatchSource(BatchSource):
             yield images, self.dataset.test_labels[chunk].to(self.device)
 
     def close(self) -> None:
+        self._close_reader()
         self.renderer.close()
 
 

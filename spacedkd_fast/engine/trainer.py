@@ -197,7 +197,7 @@ class Trainer:
         device_budget, host_budget = window_budgets(cfg, self.device)
         tiers = TierPlan.for_budget(capacity, slot_bytes, device_budget, host_budget)
         self.window = WindowCache(capacity, self.source.image_shape, batch, self.device, self.normalize,
-                                  storage=cfg.window_storage, tiers=tiers, regenerate=self.source.render)
+                                  storage=cfg.window_storage, tiers=tiers, regenerate=self.source.regenerate)
 
         # ---- models and roles ----------------------------------------------------------------------------------
         self.teacher: R.Role | None = None
