@@ -10,8 +10,9 @@ Providers:
 - ``dataloader``: the classic baseline, a torch DataLoader with as many workers as cores running torchvision's
   per-sample transforms (RandomCrop(pad 4) + flip + RandomRotation(15); RandomResizedCrop + flip for files).
 
-images/s count augmented uint8 images delivered on the training device. The JPEG folders are generated (random
-smooth images, quality 90) in a temporary directory; sizes are in the group names.
+images/s count augmented uint8 images delivered on the training device (training benchmarks: training images
+consumed per second of ``fit``, evaluation included). The JPEG folders are generated (random smooth images,
+quality 90) in a temporary directory; sizes are in the group names.
 """
 
 from __future__ import annotations
@@ -111,24 +112,22 @@ def test_array_augmentation(measure, arrays, provider):
 FOLDERS = {64: (96, 80, 512), 224: (320, 400, 256)}  # output size: (source height, width, images)
 
 
-@pytest.fixture(scope="module")
-def jpeg_folders():
+def _write_jpeg(path: Path, height: int, width: int, rng) -> str:
+    """A random smooth image (it compresses like a photo), JPEG quality 90."""
     from PIL import Image
 
+    small = rng.integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(small).resize((width, height), Image.BILINEAR).save(path, quality=90)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def jpeg_folders():
     root = Path(tempfile.mkdtemp(prefix="spacedkd-bench-jpeg-"))
     rng = np.random.default_rng(0)
-    out = {}
-    for size, (h, w, count) in FOLDERS.items():
-        files = []
-        for i in range(count):
-            small = rng.integers(0, 256, (h // 8, w // 8, 3), dtype=np.uint8)
-            image = Image.fromarray(small).resize((w, h), Image.BILINEAR)  # smooth content compresses like photos
-            path = root / str(size) / f"c{i % 10}" / f"{i}.jpg"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            image.save(path, quality=90)
-            files.append(str(path))
-        out[size] = files
-    return out
+    return {size: [_write_jpeg(root / str(size) / f"c{i % 10}" / f"{i}.jpg", h, w, rng) for i in range(count)]
+            for size, (h, w, count) in FOLDERS.items()}
 
 
 class _FileDataset(torch.utils.data.Dataset):
@@ -199,3 +198,30 @@ def test_training_with_each_backend(measure, provider):
     measure(lambda trainer: trainer.fit(), setup=lambda: (Trainer(cfg, log=lambda *a: None),), rounds=2, warmup=1,
             group=f"train spaced s=0.25 {E2E['model']} ({DEVICE.type})", provider=provider, baseline="torch",
             items=images, items_unit="images")
+
+
+# Streamed from disk: an ImageFolder of JPEGs decoded per batch (DALI: its file reader + "mixed" decoding on a GPU).
+STREAM = (dict(model="resnet18", batch_size=128, precision="bf16", channels_last=True, images=4096)
+          if ON_CUDA else dict(model="resnet8", batch_size=64, images=1024))
+
+
+@pytest.fixture(scope="module")
+def jpeg_imagefolder():
+    root = Path(tempfile.mkdtemp(prefix="spacedkd-bench-folder-"))
+    rng = np.random.default_rng(1)
+    for split, count in (("train", STREAM["images"]), ("val", 200)):
+        for i in range(count):
+            _write_jpeg(root / split / f"c{i % 10}" / f"{i}.jpg", 96, 80, rng)
+    return root
+
+
+@pytest.mark.parametrize("provider", ["torch", "dali"])
+def test_streamed_training_with_each_backend(measure, jpeg_imagefolder, provider):
+    if provider == "dali":
+        _need_dali()
+    settings = {k: v for k, v in STREAM.items() if k != "images"}
+    cfg = TrainConfig(dataset="imagefolder", data_dir=str(jpeg_imagefolder), stream=True, image_size=64,
+                      epochs=1, space=0.25, data_backend=provider, progress=False, eval_batch_size=200, **settings)
+    measure(lambda trainer: trainer.fit(), setup=lambda: (Trainer(cfg, log=lambda *a: None),), rounds=2, warmup=1,
+            group=f"train spaced s=0.25 {STREAM['model']}, streamed JPEG 96x80 -> 64 px ({DEVICE.type})",
+            provider=provider, baseline="torch", items=STREAM["images"], items_unit="images")
