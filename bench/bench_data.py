@@ -107,6 +107,62 @@ def test_array_augmentation(measure, arrays, provider):
             rounds=3)
 
 
+def _dali_graph(graph: str):
+    """A DALI pipeline running one piece of DaliArrayAugmenter's graph (or none), fed like the augmenter."""
+    import nvidia.dali as dali
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+
+    @dali.pipeline_def(batch_size=ARRAY_BATCH, num_threads=2, device_id=0 if ON_CUDA else None,
+                       prefetch_queue_depth=1)
+    def pipeline():
+        images = fn.external_source(name="images", device="gpu" if ON_CUDA else "cpu", layout="HWC",
+                                    dtype=types.UINT8, ndim=3, no_copy=True)
+        anchor = fn.external_source(name="anchor", dtype=types.INT32, ndim=1)
+        matrix = fn.external_source(name="matrix", dtype=types.FLOAT, ndim=2)
+        out = {"passthrough": lambda: images,
+               "slice": lambda: fn.slice(images, start=anchor, shape=[32, 32], axes=[0, 1],
+                                         out_of_bounds_policy="pad", fill_values=0),
+               "warp_affine": lambda: fn.warp_affine(images, matrix=matrix, size=[32, 32], fill_value=0,
+                                                     interp_type=types.INTERP_NN, inverse_map=True),
+               "transpose": lambda: fn.transpose(images, perm=[2, 0, 1])}[graph]()
+        return out, anchor, matrix  # every input is consumed, whatever the graph
+
+    pipe = pipeline()
+    pipe.build()
+    return pipe
+
+
+@pytest.mark.parametrize("graph", ["passthrough", "slice", "warp_affine", "transpose"])
+def test_dali_operator_costs(measure, arrays, graph):
+    """Where the DALI array graph's time goes: feeding + copying out alone, and each operator alone."""
+    import ctypes
+
+    from spacedkd_fast.data.dali import warp_matrices
+
+    _need_dali()
+    pipe = _dali_graph(graph)
+    hwc = arrays.permute(0, 2, 3, 1).contiguous().to(DEVICE)
+    batches = [(hwc[s:s + ARRAY_BATCH], sample_params(SPEC, ARRAY_BATCH, torch.Generator().manual_seed(s), "cpu"))
+               for s in range(0, ARRAY_IMAGES, ARRAY_BATCH)]
+    stream = torch.cuda.current_stream() if ON_CUDA else None
+
+    def epoch():
+        for images, params in batches:
+            pipe.feed_input("images", images if ON_CUDA else images.numpy(), **({"cuda_stream": stream} if ON_CUDA
+                                                                               else {}))
+            pipe.feed_input("anchor", np.stack([params.dy.numpy(), params.dx.numpy()], 1).astype(np.int32))
+            pipe.feed_input("matrix", warp_matrices(params, 32, 32))
+            out = (pipe.run(stream) if ON_CUDA else pipe.run())[0]
+            dest = torch.empty(tuple(out.as_tensor().shape()), dtype=torch.uint8, device=DEVICE)
+            args = (ctypes.c_void_p(stream.cuda_stream),) if ON_CUDA else ()
+            out.as_tensor().copy_to_external(ctypes.c_void_p(dest.data_ptr()), *args)
+
+    measure(epoch, group=f"DALI array graph, one piece at a time ({DEVICE.type}, {ARRAY_IMAGES} images, batch "
+                         f"{ARRAY_BATCH})", provider=graph, baseline="passthrough", items=ARRAY_IMAGES,
+            items_unit="images", warmup=1, rounds=5)
+
+
 # ---- JPEG folders ------------------------------------------------------------------------------------------------
 
 FOLDERS = {64: (96, 80, 512), 224: (320, 400, 256)}  # output size: (source height, width, images)
