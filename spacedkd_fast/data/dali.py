@@ -424,8 +424,10 @@ class DaliFileRenderer:
     # -- running --
 
     def _read_all(self, files: list[str]) -> list[np.ndarray]:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=self.num_threads, thread_name_prefix="spacedkd-dali-read")
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self.num_threads,
+                                                thread_name_prefix="spacedkd-dali-read")
         return list(self._pool.map(_read_bytes, files))
 
     def _run(self, kind: str, files: list[str], inputs: dict[str, np.ndarray]) -> Tensor:
@@ -546,9 +548,9 @@ class DaliFileRenderer:
         """Release the pipelines and the reading threads (a later call builds them again)."""
         with self._lock:
             self._pipes.clear()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
 
     def __enter__(self) -> DaliFileRenderer:
         return self

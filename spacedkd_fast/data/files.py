@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -378,12 +379,14 @@ class TorchFileRenderer:
         self.device = torch.device(device)
         self.num_threads = num_threads
         self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()  # the prefetch and training threads may both render
 
     def close(self) -> None:
         """Stop the decoding threads (a later call starts them again)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        with self._pool_lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
 
     def __enter__(self) -> TorchFileRenderer:
         return self
@@ -392,8 +395,9 @@ class TorchFileRenderer:
         self.close()
 
     def _decode_all(self, files: list[str]) -> list[np.ndarray]:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=self.num_threads, thread_name_prefix="spacedkd-render")
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self.num_threads, thread_name_prefix="spacedkd-render")
         # map() re-raises the first failure in file order, naming the file (decode_rgb's message).
         return list(self._pool.map(decode_rgb, files))
 
