@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -175,8 +176,33 @@ def test_outputs(tmp_path):
     assert state["position"]["t_iter"] == 16 and state["config"] == trainer.cfg.to_dict()
     record = read_jsonl(tmp_path / "metrics.jsonl")[0]
     for key in ("epoch", "teacher_acc", "student_acc", "teacher_loss", "student_loss", "lr_teacher", "lr_student",
-                "images_per_s", "elapsed_s"):
+                "images_per_s", "data_wait_fraction", "elapsed_s"):
         assert key in record, key
+    assert 0.0 <= record["data_wait_fraction"] <= 1.0
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_time_spent_waiting_for_data_is_reported(prefetch):
+    """A renderer slower than the step shows up as waiting time, inline or through the prefetch queue, and a
+    regenerated replay batch counts too."""
+    trainer = Trainer(tiny(space=0.75, prefetch=prefetch, window_budget=0.0, host_budget=0.0), log=lambda *a: None)
+    render, regenerate = trainer.source.render, trainer.source.regenerate
+    delay = 0.03
+
+    def slow(function):
+        def wrapper(plan):
+            time.sleep(delay)
+            return function(plan)
+        return wrapper
+
+    trainer.source.render = slow(render)
+    trainer.window.regenerate = slow(regenerate)
+    summary = trainer.fit()
+    fresh, replayed = trainer.t_iter, trainer.student.steps
+    assert fresh == replayed == 16
+    # Prefetching overlaps part of the rendering with the steps, but the replays regenerate inline.
+    assert summary.data_wait_s >= delay * (replayed + (fresh if prefetch == 0 else 0)) * 0.9
+    assert summary.data_wait_s <= summary.session_s and "waiting for data" in summary.table()
 
 
 @pytest.mark.slow
@@ -297,7 +323,7 @@ def test_streamed_folder_replays_exactly_in_every_tier(tmp_path, backend):
         trainer = Trainer(tiny(out=str(out), **common, **budgets), log=lambda *a: None)
         opened = []  # DALI: fresh batches come from one file reader per epoch
         open_reader = trainer.source._open_reader
-        trainer.source._open_reader = lambda i: (opened.append(i), open_reader(i))[1]
+        trainer.source._open_reader = lambda i, seen=opened, original=open_reader: (seen.append(i), original(i))[1]
         trainer.fit()
         assert opened == ([0, 6] if backend == "dali" else [])
         assert trainer.source.__class__.__name__ == "FileBatchSource" and trainer.data_backend == backend

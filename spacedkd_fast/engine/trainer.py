@@ -64,6 +64,8 @@ class Summary:
     images_per_s: float
     wall_s: float
     out: str | None
+    data_wait_s: float = 0.0  # host time the loop spent waiting for batches (fresh or replayed), this session
+    session_s: float = 0.0  # wall time of this session (wall_s includes the time before a resume)
 
     def table(self) -> str:
         rows = [("epochs", str(self.epochs))]
@@ -74,6 +76,9 @@ class Summary:
         for i, acc in enumerate(self.exit_acc or []):
             rows.append((f"exit {i}{' (deepest)' if i == 0 else ''} test accuracy", f"{100 * acc:.2f} %"))
         rows += [("training images/s", f"{self.images_per_s:,.0f}"), ("wall time", f"{self.wall_s:.1f} s")]
+        if self.session_s > 0:
+            rows.append(("waiting for data", f"{self.data_wait_s:.1f} s ({100 * self.data_wait_s / self.session_s:.1f} "
+                                              f"% of the run)"))
         if self.out:
             rows.append(("outputs", self.out))
         return summary_table(rows)
@@ -250,6 +255,10 @@ class Trainer:
         self.evaluated_through = 0  # one-network modes: last epoch evaluated
         self.actions = 0  # optimizer steps taken (progress)
         self.images_seen = 0  # fresh training images consumed (both phases)
+        # Host seconds the loop spent on getting batches: rendering one inline, the prefetch queue running dry,
+        # fetching or regenerating a replayed one (on a GPU mostly queued on a side stream, so not counted). Near 0
+        # means the data path is not the bottleneck.
+        self.data_wait_s = 0.0
         self.elapsed_before = 0.0
         self._last_action = "student"
         self._stop_reason: str | None = None
@@ -315,7 +324,7 @@ class Trainer:
             for role in (self.teacher, self.student):
                 role.stream.wait_stream(torch.cuda.current_stream(self.device))
         self._start = time.perf_counter()
-        self._record_clock = (self._start, self.images_seen)
+        self._record_clock = (self._start, self.images_seen, self.data_wait_s)
         if self.cfg.mode == "online" and self.actions == 0:
             self._student_evals(None)  # epochs that end before the first replay evaluate the untrained student
         progress = self._progress_bar()
@@ -345,14 +354,16 @@ class Trainer:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         self._sync()
-        wall = self.elapsed_before + time.perf_counter() - self._start
+        session = time.perf_counter() - self._start
+        wall = self.elapsed_before + session
         self.outputs.curves(self.history)
         self.outputs.close()
         last = self.history[-1] if self.history else {}
         return Summary(epochs=self.cfg.epochs, teacher_acc=last.get("teacher_acc"),
                        student_acc=last.get("student_acc"), exit_acc=last.get("exit_acc"),
                        images_per_s=self.images_seen / max(wall, 1e-9), wall_s=wall,
-                       out=str(self.outputs.folder) if self.outputs.folder is not None else None)
+                       out=str(self.outputs.folder) if self.outputs.folder is not None else None,
+                       data_wait_s=self.data_wait_s, session_s=session)
 
     def request_stop(self, reason: str = "request") -> None:
         """Stop at the next whole iteration and write last.pt, as SIGINT/SIGTERM do."""
@@ -411,7 +422,9 @@ class Trainer:
         cfg, i = self.cfg, self.t_iter
         role = self.teacher if self.teacher is not None and self.phase == "teacher" else self.student
         with role.context():
+            waited = time.perf_counter()
             plan, images, labels = self._fresh_batch(self._data_iteration())
+            self.data_wait_s += time.perf_counter() - waited
             x, lr = self.normalize(images), self._lr(i)
             if cfg.mode in ("base", "offline") and not (cfg.mode == "offline" and self.phase == "student"):
                 R.ce_step(cfg, role, x, labels, lr)
@@ -451,19 +464,23 @@ class Trainer:
                     for t in (images, x, labels, logits, features):
                         t.record_stream(torch.cuda.current_stream(self.device))
                 R.distill_step(cfg, role, x, labels, lr, logits, features)
+                if self.outputs.trace:
+                    self.outputs.batch("student", role.steps - 1, images, labels, teacher_updates)
             else:
-                x, labels = self.window.get(i)
+                waited = time.perf_counter()
+                images, labels = self.window.raw(i)
                 self._prefetch_replay(block)  # the next replayed batch, if it lives off the device
+                self.data_wait_s += time.perf_counter() - waited
+                x = self.normalize(images)
                 teacher_updates = None
                 if cfg.mode == "self":
                     R.self_replay_step(cfg, role, x, labels, lr)
                 else:
                     R.replay_step(cfg, role, self.snapshots.get(block.index, self.device), x, labels, lr)
                     teacher_updates = block.stop  # the snapshot was taken after the block's last teacher update
-                images = self.window.raw(i)[0] if self.outputs.trace else None
+                if self.outputs.trace:  # before release: a device-tier batch is a view of its slot
+                    self.outputs.batch("student", role.steps - 1, images, labels, teacher_updates)
                 self.window.release(i)
-            if self.outputs.trace:
-                self.outputs.batch("student", role.steps - 1, images, labels, teacher_updates)
             self.s_offset += 1
             if self.s_offset == block.length:
                 if not block.online and self.snapshots is not None:
@@ -592,10 +609,11 @@ class Trainer:
             teacher_records = [r for r in self.history if "teacher_acc" in r]
             record["teacher_acc"] = teacher_records[-1]["teacher_acc"] if teacher_records else None
         now = time.perf_counter()
-        start, seen = self._record_clock
+        start, seen, waited = self._record_clock
         record["images_per_s"] = (self.images_seen - seen) / max(now - start, 1e-9)
+        record["data_wait_fraction"] = (self.data_wait_s - waited) / max(now - start, 1e-9)
         record["elapsed_s"] = self.elapsed_before + now - self._start
-        self._record_clock = (now, self.images_seen)
+        self._record_clock = (now, self.images_seen, self.data_wait_s)
         return record
 
     # =============================================================================================== checkpoints
