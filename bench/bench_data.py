@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from shapes import ON_CUDA
+from shapes import ON_CUDA, fit_recording_data_wait
 
 from spacedkd_fast import backends
 from spacedkd_fast.config import TrainConfig
@@ -251,9 +251,10 @@ def test_training_with_each_backend(measure, provider):
         _need_dali()
     cfg = TrainConfig(**E2E, epochs=1, space=0.25, data_backend=provider, progress=False, eval_batch_size=500)
     images = Trainer(cfg, log=lambda *a: None).source.num_samples
-    measure(lambda trainer: trainer.fit(), setup=lambda: (Trainer(cfg, log=lambda *a: None),), rounds=2, warmup=1,
+    info = {}
+    measure(fit_recording_data_wait(info), setup=lambda: (Trainer(cfg, log=lambda *a: None),), rounds=2, warmup=1,
             group=f"train spaced s=0.25 {E2E['model']} ({DEVICE.type})", provider=provider, baseline="torch",
-            items=images, items_unit="images")
+            items=images, items_unit="images", info=info)
 
 
 # Streamed from disk: an ImageFolder of JPEGs decoded per batch (DALI: its file reader + "mixed" decoding on a GPU).
@@ -278,6 +279,7 @@ def test_streamed_training_with_each_backend(measure, jpeg_imagefolder, provider
     settings = {k: v for k, v in STREAM.items() if k != "images"}
     cfg = TrainConfig(dataset="imagefolder", data_dir=str(jpeg_imagefolder), stream=True, image_size=64,
                       epochs=1, space=0.25, data_backend=provider, progress=False, eval_batch_size=200, **settings)
-    measure(lambda trainer: trainer.fit(), setup=lambda: (Trainer(cfg, log=lambda *a: None),), rounds=2, warmup=1,
+    info = {}
+    measure(fit_recording_data_wait(info), setup=lambda: (Trainer(cfg, log=lambda *a: None),), rounds=2, warmup=1,
             group=f"train spaced s=0.25 {STREAM['model']}, streamed JPEG 96x80 -> 64 px ({DEVICE.type})",
-            provider=provider, baseline="torch", items=STREAM["images"], items_unit="images")
+            provider=provider, baseline="torch", items=STREAM["images"], items_unit="images", info=info)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from shapes import ON_CUDA
+from shapes import ON_CUDA, fit_recording_data_wait
 
 from spacedkd_fast.config import TrainConfig
 from spacedkd_fast.engine import Trainer
@@ -42,8 +42,8 @@ def test_train_throughput(measure, case):
     probe = Trainer(cfg, log=lambda *a: None)  # for the image count; also warms the dataset cache
     images = probe.iters_per_epoch and len(probe.source.labels) * cfg.epochs
     del probe
-    measure(lambda trainer: trainer.fit(), setup=lambda: (Trainer(cfg, log=lambda *a: None),), rounds=2,
+    info = dict(config={k: v for k, v in (COMMON | CASES[case]).items() if k != "progress"},
+                device=str(torch.device("cuda" if ON_CUDA else "cpu")))
+    measure(fit_recording_data_wait(info), setup=lambda: (Trainer(cfg, log=lambda *a: None),), rounds=2,
             warmup=1, group=f"train {COMMON['model']} b{COMMON['batch_size']} ({'cuda' if ON_CUDA else 'cpu'})",
-            provider=case, baseline=("online_s0", "original_style"), items=images, items_unit="images",
-            info=dict(config={k: v for k, v in (COMMON | CASES[case]).items() if k != "progress"},
-                      device=str(torch.device("cuda" if ON_CUDA else "cpu"))))
+            provider=case, baseline=("online_s0", "original_style"), items=images, items_unit="images", info=info)

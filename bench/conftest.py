@@ -190,7 +190,8 @@ def pytest_sessionfinish(session, exitstatus):
     for r in RESULTS:
         extra = [f"{r['median_s'] * 1e3:9.3f} ms"]
         for key, fmt in (("GB_per_s", "{:8.2f} GB/s"), ("images_per_s", "{:10.0f} img/s"),
-                         ("pct_of_copy_bandwidth", "{:5.1f}% of copy")):
+                         ("pct_of_copy_bandwidth", "{:5.1f}% of copy"),
+                         ("data_wait_fraction", "{:.1%} waiting for data")):
             if key in r and not (isinstance(r[key], float) and math.isnan(r[key])):
                 extra.append(fmt.format(r[key]))
         for key in r:

@@ -1,4 +1,4 @@
-"""The one shape sweep shared by the loss benchmarks."""
+"""Settings shared by the benchmarks: the loss shape sweep, and a training run that records its data wait."""
 
 import torch
 
@@ -13,3 +13,12 @@ LLM = [(8192, 32000), (8192, 128256)]
 KD_SHAPES = CLASSIFICATION + (LLM if ON_CUDA else CPU_TARGET)
 KD_DTYPES = [torch.bfloat16, torch.float32] if ON_CUDA else [torch.float32]
 MODES = ["fwd", "fwd+bwd"]
+
+
+def fit_recording_data_wait(info: dict):
+    """``trainer -> None`` running ``trainer.fit()`` and storing the share of the run spent waiting for data in
+    ``info["data_wait_fraction"]`` (pass the same dict as ``measure(info=...)``: it is read after the rounds)."""
+    def fit(trainer):
+        summary = trainer.fit()
+        info["data_wait_fraction"] = summary.data_wait_s / max(summary.session_s, 1e-9)
+    return fit
