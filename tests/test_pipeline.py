@@ -88,12 +88,14 @@ def jpeg_dataset(tmp_path_factory):
 
 @pytest.mark.skipif(not backends.dali().available, reason="nvidia.dali is not installed")
 @pytest.mark.parametrize("rank, world", [(0, 1), (1, 2)])
-def test_dali_reader_batches_equal_reads_by_name(jpeg_dataset, rank, world):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_dali_reader_batches_equal_reads_by_name(jpeg_dataset, rank, world, device):
     """22 files, batch 8: iterations of 8, 8, 6 (per rank: 4, 4, 3). In-order renders come from one reader per
-    epoch; a jump opens another; every batch equals its regeneration (external_source by name) byte for byte."""
+    epoch; a jump opens another; every batch equals its regeneration (external_source by name) byte for byte (on a
+    GPU too, where the short last batch is padded like the reader's so the decoders get the same batch)."""
     from spacedkd_fast.data.pipeline import FileBatchSource
 
-    src = FileBatchSource(jpeg_dataset, batch_size=8, seed=5, device="cpu", backend="dali", rank=rank, world=world)
+    src = FileBatchSource(jpeg_dataset, batch_size=8, seed=5, device=device, backend="dali", rank=rank, world=world)
     assert src.iters_per_epoch == 3
     opened = []
     original = src._open_reader
@@ -107,6 +109,31 @@ def test_dali_reader_batches_equal_reads_by_name(jpeg_dataset, rank, world):
         assert images.shape == (len(range(rank, 8 if i % 3 < 2 else 6, world)), 3, 12, 12)
         assert torch.equal(images, again), f"iteration {i}"
         assert torch.equal(labels, again_labels)
-        assert labels.tolist() == jpeg_dataset.train_labels[src.plan(i).indices].tolist()
+        assert labels.cpu().tolist() == jpeg_dataset.train_labels[src.plan(i).indices].tolist()
     src.close()
     assert src._reader is None
+
+
+def test_closing_while_another_thread_is_inside_the_reader(jpeg_dataset):
+    """close() after the prefetch thread outlived its join timeout, mid-batch: no "generator already executing"."""
+    import threading
+
+    from spacedkd_fast.data.pipeline import FileBatchSource, _EpochReader
+
+    src = FileBatchSource(jpeg_dataset, batch_size=8, seed=5, device="cpu", backend="torch")
+    inside, release = threading.Event(), threading.Event()
+
+    def batches():
+        inside.set()
+        release.wait(30)
+        yield None
+
+    reader = batches()
+    worker = threading.Thread(target=next, args=(reader,))
+    worker.start()
+    assert inside.wait(30)
+    src._reader = _EpochReader(0, 3, reader)
+    src.close()
+    assert src._reader is None
+    release.set()
+    worker.join(30)

@@ -262,7 +262,10 @@ class FileBatchSource(BatchSource):
 
     def _close_reader(self) -> None:
         if self._reader is not None:
-            self._reader.batches.close()  # runs epoch_batches' cleanup: the pipeline and its threads go
+            try:
+                self._reader.batches.close()  # runs epoch_batches' cleanup: the pipeline and its threads go
+            except ValueError:  # "generator already executing": a prefetch thread that outlived its join timeout
+                pass  # is still inside it; the pipeline goes when that thread drops the generator
             self._reader = None
 
     def test_batches(self, batch_size: int):
