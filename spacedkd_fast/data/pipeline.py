@@ -255,7 +255,9 @@ class FileBatchSource(BatchSource):
         plans = [self.plan(i) for i in range(iteration, stop)]
         indices = torch.cat([p.indices for p in plans])
         files = [self.dataset.train_files[i] for i in indices.tolist()]
-        batches = self.renderer.epoch_batches(files, indices, plans[0].indices.numel(),
+        # The full per-rank batch even when the reader starts at a short last batch: the reader then pads it to
+        # that size, as train_batch pads a regenerated one on a GPU (same decoder split, same bytes).
+        batches = self.renderer.epoch_batches(files, indices, self.batch_size // self.world,
                                               lambda i: self._crop_params(plans[i]))
         self._reader = _EpochReader(iteration, stop, batches)
         return self._reader
