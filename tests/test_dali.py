@@ -310,8 +310,9 @@ def test_epoch_batches_equal_train_batch(device, jpeg_folder):
     assert torch.equal(padded.train_batch(files[:4], params_for_batch(0)), batches[0][0])
     # Stopping early is fine, and a second epoch with another order works.
     pairs = lambda i: sample_crop_params(spec, min(2, 5 - 2 * i), torch.Generator().manual_seed(i))  # noqa: E731
-    first = next(iter(r.epoch_batches(files[:5], labels[:5].tolist(), 2, pairs)))
-    assert first[0].shape == (2, 3, 16, 16)
+    first = next(iter(r.epoch_batches(files[:5], labels[:5].tolist(), 2, pairs, labels_device="cpu")))
+    assert first[0].shape == (2, 3, 16, 16) and first[1].device.type == "cpu"
+    assert first[1].tolist() == labels[:2].tolist()
 
 
 @needs_dali

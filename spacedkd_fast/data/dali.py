@@ -474,7 +474,8 @@ class DaliFileRenderer:
         return self._run("eval", files, {})
 
     def epoch_batches(self, files_in_order: Sequence[str], labels, batch_size: int,
-                      params_for_batch: Callable[[int], CropParams]) -> Iterator[tuple[Tensor, Tensor]]:
+                      params_for_batch: Callable[[int], CropParams], *,
+                      labels_device: torch.device | str | None = None) -> Iterator[tuple[Tensor, Tensor]]:
         """One epoch of training batches read by DALI's own file reader, with prefetching.
 
         ``fn.readers.file(files=files_in_order, labels=labels, random_shuffle=False, pad_last_batch=True)`` reads
@@ -493,11 +494,15 @@ class DaliFileRenderer:
             batch_size: bs; the last batch has ``N - (ceil(N/bs) - 1)·bs`` samples (the reader pads it with
                 copies of the last file, which are dropped here).
             params_for_batch: ``i -> CropParams`` of batch i's size.
+            labels_device: where the labels are returned (default: the renderer's device). ``"cpu"`` hands them
+                over without a device round trip (the reader produces them on the host).
 
         Yields:
-            ``(images, labels)``: ``uint8 (b, 3, S, S)`` and ``int64 (b,)`` on the device, ceil(N/bs) times.
+            ``(images, labels)``: ``uint8 (b, 3, S, S)`` on the device and ``int64 (b,)`` on ``labels_device``,
+            ceil(N/bs) times.
         """
         files = check_files(files_in_order, "DaliFileRenderer.epoch_batches")
+        label_device = self.device if labels_device is None else torch.device(labels_device)
         batch_size = _positive_int(batch_size, "DaliFileRenderer.epoch_batches: batch_size")
         labels = [int(v) for v in (labels.tolist() if isinstance(labels, Tensor) else labels)]
         if len(labels) != len(files):
@@ -540,7 +545,7 @@ class DaliFileRenderer:
                 images, label = pipe.run(stream) if stream is not None else pipe.run()
                 out = _copy_out(images, (batch_size, 3, self.size, self.size), self.device, stream)
                 lab = torch.from_numpy(np.asarray(label.as_tensor()).reshape(-1).astype(np.int64))
-                yield out[:sizes[i]], lab[:sizes[i]].to(self.device)
+                yield out[:sizes[i]], lab[:sizes[i]].to(label_device)
         finally:
             del pipe  # frees DALI's buffers and threads even when the consumer stops early
 

@@ -239,7 +239,7 @@ class FileBatchSource(BatchSource):
             reader = self._open_reader(plan.iteration)
         images, indices = next(reader.batches)
         self._reader = reader._replace(next_iteration=plan.iteration + 1)
-        if not torch.equal(indices.cpu(), plan.indices):  # cannot happen unless the reader's order broke
+        if not torch.equal(indices, plan.indices):  # (host tensors: no sync) cannot happen unless the order broke
             raise RuntimeError(f"DALI's file reader delivered samples {indices[:4].tolist()}... for iteration "
                                f"{plan.iteration}, whose plan holds {plan.indices[:4].tolist()}...")
         return images, self._labels(plan)
@@ -258,7 +258,7 @@ class FileBatchSource(BatchSource):
         # The full per-rank batch even when the reader starts at a short last batch: the reader then pads it to
         # that size, as train_batch pads a regenerated one on a GPU (same decoder split, same bytes).
         batches = self.renderer.epoch_batches(files, indices, self.batch_size // self.world,
-                                              lambda i: self._crop_params(plans[i]))
+                                              lambda i: self._crop_params(plans[i]), labels_device="cpu")
         self._reader = _EpochReader(iteration, stop, batches)
         return self._reader
 
