@@ -8,7 +8,9 @@ Nothing carries over from one batch to the next, so
 
 * teacher and student can be fed in any interleaving, and a resumed run continues mid-epoch from the iteration
   counter alone (no data-loader state to save);
-* a batch can be regenerated exactly from its plan (the replay window's regenerate tier stores only plans).
+* a batch can be regenerated exactly from its plan (the replay window's regenerate tier stores only plans and
+  calls :meth:`BatchSource.regenerate`; :meth:`BatchSource.render` is for fresh batches, which a streamed DALI
+  source reads with DALI's file reader).
 
 Backends (``--data-backend``): ``torch`` (the gather in :mod:`spacedkd_fast.data.augment`, on the training device)
 and ``dali`` (the same crop/flip/rotate graph in DALI, GPU or CPU; see :mod:`spacedkd_fast.data.dali`). ``auto``
