@@ -25,7 +25,6 @@ import math
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import numpy as np
@@ -35,6 +34,7 @@ from torch import Tensor
 from spacedkd_fast.data.augment import AugmentParams
 from spacedkd_fast.data.files import (
     CropParams,
+    LazyThreadPool,
     ResizedCropSpec,
     check_crop_params,
     check_files,
@@ -353,7 +353,7 @@ class DaliFileRenderer:
         self.hw_decoder_load = float(hw_decoder_load)
         self.pad_batches = self.device.type == "cuda" if pad_batches is None else bool(pad_batches)
         self._pipes: dict[str, object] = {}
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool = LazyThreadPool(self.num_threads, "spacedkd-dali-read")
         self._keepalive = None
         self._lock = threading.Lock()  # one feed + run + copy at a time (see DaliArrayAugmenter)
 
@@ -423,18 +423,12 @@ class DaliFileRenderer:
 
     # -- running --
 
-    def _read_all(self, files: list[str]) -> list[np.ndarray]:
-        with self._lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=self.num_threads,
-                                                thread_name_prefix="spacedkd-dali-read")
-        return list(self._pool.map(_read_bytes, files))
 
     def _run(self, kind: str, files: list[str], inputs: dict[str, np.ndarray]) -> Tensor:
         batch = len(files)
         if batch == 0:
             return torch.empty((0, 3, self.size, self.size), dtype=torch.uint8, device=self.device)
-        encoded = self._read_all(files)  # outside the lock: another thread's batch may decode meanwhile
+        encoded = self._pool.map(_read_bytes, files)  # outside the lock: another batch may decode meanwhile
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         with self._lock:
             self._keepalive = encoded  # fed zero-copy: kept until the next call, after DALI is done with it
@@ -462,10 +456,8 @@ class DaliFileRenderer:
         check_crop_params(params, len(files), "DaliFileRenderer.train_batch")
         batch = len(files)
         if self.pad_batches and 0 < batch < self.max_batch:
-            pad = self.max_batch - batch
-            files = files + [files[-1]] * pad
-            params = params.take(torch.cat([torch.arange(batch), torch.full((pad,), batch - 1)]))
-            return self._run("train", files, _crop_inputs(params))[:batch]
+            files = files + [files[-1]] * (self.max_batch - batch)
+            return self._run("train", files, _crop_inputs(params.pad_with_last(self.max_batch)))[:batch]
         return self._run("train", files, _crop_inputs(params))
 
     def eval_batch(self, files: Sequence[str]) -> Tensor:
@@ -519,10 +511,7 @@ class DaliFileRenderer:
             i = min(info.iteration, n_batches - 1)
             params = params_for_batch(i)
             check_crop_params(params, sizes[i], f"DaliFileRenderer.epoch_batches: params_for_batch({i})")
-            pad = batch_size - sizes[i]  # the reader repeats the last file; repeat its parameters too
-            if pad:
-                params = params.take(torch.cat([torch.arange(sizes[i]), torch.full((pad,), sizes[i] - 1)]))
-            inputs = _crop_inputs(params)
+            inputs = _crop_inputs(params.pad_with_last(batch_size))  # the reader repeats the last file too
             return inputs["origin"], inputs["extent"], inputs["flip"]
 
         d = self._d
@@ -553,9 +542,7 @@ class DaliFileRenderer:
         """Release the pipelines and the reading threads (a later call builds them again)."""
         with self._lock:
             self._pipes.clear()
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
-                self._pool = None
+        self._pool.close()
 
     def __enter__(self) -> DaliFileRenderer:
         return self

@@ -144,6 +144,35 @@ class CropParams:
         """The parameters of the samples ``index`` (anything that indexes a ``(B,)`` tensor)."""
         return CropParams(**{k: getattr(self, k)[index] for k in ("y0", "x0", "h", "w", "flip")})
 
+    def pad_with_last(self, size: int) -> CropParams:
+        """``size`` samples: these, then copies of the last one (as DALI's reader pads a short batch's files)."""
+        n = len(self)
+        return self.take(torch.cat([torch.arange(n), torch.full((size - n,), n - 1)])) if size > n else self
+
+
+class LazyThreadPool:
+    """A thread pool started on the first :meth:`map` and stopped by :meth:`close` (a later map starts it again);
+    safe to share between threads (the prefetch and training threads may both render)."""
+
+    def __init__(self, num_threads: int, name: str) -> None:
+        self.num_threads, self.name = num_threads, name
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def map(self, fn, items) -> list:
+        """``[fn(x) for x in items]`` on the pool; re-raises the first failure in item order."""
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self.num_threads, thread_name_prefix=self.name)
+            pool = self._pool
+        return list(pool.map(fn, items))
+
+    def close(self) -> None:
+        with self._lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+
 
 def check_crop_params(params: CropParams, batch: int, where: str) -> None:
     """Raise naming ``where`` unless ``params`` holds ``batch`` samples of the documented dtypes on the CPU."""
@@ -378,15 +407,11 @@ class TorchFileRenderer:
         self.size = spec.size
         self.device = torch.device(device)
         self.num_threads = num_threads
-        self._pool: ThreadPoolExecutor | None = None
-        self._pool_lock = threading.Lock()  # the prefetch and training threads may both render
+        self._pool = LazyThreadPool(num_threads, "spacedkd-render")
 
     def close(self) -> None:
         """Stop the decoding threads (a later call starts them again)."""
-        with self._pool_lock:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
-                self._pool = None
+        self._pool.close()
 
     def __enter__(self) -> TorchFileRenderer:
         return self
@@ -395,11 +420,8 @@ class TorchFileRenderer:
         self.close()
 
     def _decode_all(self, files: list[str]) -> list[np.ndarray]:
-        with self._pool_lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=self.num_threads, thread_name_prefix="spacedkd-render")
         # map() re-raises the first failure in file order, naming the file (decode_rgb's message).
-        return list(self._pool.map(decode_rgb, files))
+        return self._pool.map(decode_rgb, files)
 
     def _resize(self, hwc: np.ndarray, height: int, width: int) -> Tensor:
         """``uint8 (H, W, 3)`` → ``uint8 (3, height, width)``, linear with antialiasing (torch's uint8 kernel)."""
