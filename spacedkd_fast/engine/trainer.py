@@ -464,8 +464,6 @@ class Trainer:
                     for t in (images, x, labels, logits, features):
                         t.record_stream(torch.cuda.current_stream(self.device))
                 R.distill_step(cfg, role, x, labels, lr, logits, features)
-                if self.outputs.trace:
-                    self.outputs.batch("student", role.steps - 1, images, labels, teacher_updates)
             else:
                 waited = time.perf_counter()
                 images, labels = self.window.raw(i)
@@ -478,9 +476,10 @@ class Trainer:
                 else:
                     R.replay_step(cfg, role, self.snapshots.get(block.index, self.device), x, labels, lr)
                     teacher_updates = block.stop  # the snapshot was taken after the block's last teacher update
-                if self.outputs.trace:  # before release: a device-tier batch is a view of its slot
-                    self.outputs.batch("student", role.steps - 1, images, labels, teacher_updates)
-                self.window.release(i)
+            if self.outputs.trace:
+                self.outputs.batch("student", role.steps - 1, images, labels, teacher_updates)
+            if not block.online:
+                self.window.release(i)  # after the trace: a device-tier batch is a view of its slot
             self.s_offset += 1
             if self.s_offset == block.length:
                 if not block.online and self.snapshots is not None:
