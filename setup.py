@@ -10,12 +10,16 @@ The optional C++ CPU extension ``spacedkd_fast._C`` (pybind11, through torch.uti
 torch must already be installed, and pip must be told not to isolate the build
 (``pip install --no-build-isolation -e .``), otherwise the build cannot see torch and ``auto`` skips the extension.
 The Triton sources in ``kernels/`` install as ``spacedkd_fast.kernels``, never as a top-level ``kernels`` module.
+The DALI operator sources in ``csrc/dali/`` are compiled on first use, against the DALI installed then (see
+``spacedkd_fast/data/dali_ops.py``); a wheel carries them as ``spacedkd_fast/_csrc/dali/``.
 """
 
 import os
 import sys
+from pathlib import Path
 
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 MODE = os.environ.get("SPACEDKD_BUILD_EXT", "auto").strip().lower()
 if MODE not in ("auto", "0", "1"):
@@ -65,7 +69,19 @@ def extension_build():
     return [ext], {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
 
 
+class BuildPyWithOperatorSources(build_py):
+    """Also copy csrc/dali/*.cc into the built package (editable installs read them from the checkout)."""
+
+    def run(self):
+        super().run()
+        target = Path(self.build_lib) / "spacedkd_fast" / "_csrc" / "dali"
+        self.mkpath(str(target))
+        for source in sorted(Path("csrc/dali").glob("*.cc")):
+            self.copy_file(str(source), str(target / source.name))
+
+
 ext_modules, cmdclass = extension_build()
+cmdclass["build_py"] = BuildPyWithOperatorSources
 
 setup(
     packages=PACKAGES,

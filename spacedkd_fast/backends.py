@@ -1,4 +1,5 @@
-"""Optional parts, probed once: CUDA, Triton (and its interpreter), the C++ extension, DALI.
+"""Optional parts, probed once: CUDA, Triton (and its interpreter), the C++ extension, DALI (and this package's
+DALI CPU operators, compiled on first use).
 
 Nothing here fails on import. Each probe runs on first use and keeps the reason a part is missing, so
 ``python -m spacedkd_fast.info`` can print it. When a call would have used a missing part, the package falls
@@ -6,6 +7,7 @@ back and logs one line (once per part) on the ``spacedkd_fast`` logger.
 
 Environment overrides:
     SPACEDKD_LOSS_BACKEND   force the backend that ``backend="auto"`` picks (triton | cpp | torch).
+    SPACEDKD_DALI_FUSED     0: never build / use the fused DALI CPU operator (the stock DALI graph runs).
 """
 
 from __future__ import annotations
@@ -78,6 +80,18 @@ def cpp_extension() -> Probe:
 @functools.cache
 def dali() -> Probe:
     return _import_probe("nvidia.dali")
+
+
+def dali_fused_ops() -> Probe:
+    """spacedkd_fast's DALI CPU operators (csrc/dali/): compiled on first use, then loaded into DALI."""
+    if not dali().available:
+        return Probe(False, f"DALI unavailable: {dali().detail}")
+    from spacedkd_fast.data import dali_ops
+
+    try:
+        return Probe(True, dali_ops.load().detail)
+    except dali_ops.OpsBuildError as exc:
+        return Probe(False, str(exc).splitlines()[0])
 
 
 _warned: set[str] = set()

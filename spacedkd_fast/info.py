@@ -23,6 +23,7 @@ def collect() -> dict[str, str]:
         "Triton": str(backends.triton()),
         "C++ extension (spacedkd_fast._C)": str(backends.cpp_extension()),
         "DALI": str(backends.dali()),
+        "DALI fused CPU operator": str(backends.dali_fused_ops()),
     }
     for device in ("cpu", "cuda"):
         for dtype in (torch.float32, torch.bfloat16):
