@@ -21,6 +21,11 @@ from spacedkd_fast.data.files import ResizedCropSpec, TorchFileRenderer, crop_bo
 
 needs_dali = pytest.mark.skipif(not HAS_DALI, reason="nvidia.dali is not installed")
 DEVICES = [pytest.param("cpu", marks=needs_dali), pytest.param("cuda", marks=[needs_dali, pytest.mark.gpu])]
+# DaliArrayAugmenter's graphs: the stock one on the CPU (the GPU graph's twin) and on the GPU, and the fused CPU
+# operator (compiled from csrc/dali on first use; the [dev] extra installs what it needs, so it must build here).
+ARRAY_GRAPHS = [pytest.param("cpu", "stock", marks=needs_dali, id="cpu-stock"),
+                pytest.param("cpu", "fused", marks=needs_dali, id="cpu-fused"),
+                pytest.param("cuda", "stock", marks=[needs_dali, pytest.mark.gpu], id="cuda-stock")]
 # px: a rotation source coordinate this close to a rounding boundary (k + ½) may round either way. The float32
 # evaluations (DALI's M·(x + ½, y + ½) + t, the spec's separate multiply/subtract/add) are within ~1e-5 px of the
 # exact value for these image sizes, so 1e-4 leaves a 10x margin; a band of ±1e-4 per axis covers ~4e-4 of the
@@ -85,10 +90,13 @@ def _tie_mask(params, height, width):
     return near(cos * u - sin * v + cx) | near(sin * u + cos * v + cy)
 
 
-def _assert_matches(out, expected, params, *, max_tie_fraction=5e-3):
-    """Byte equality except at rounding ties of the rotation (which must be rare)."""
+def _assert_matches(out, expected, params, *, graph="stock", max_tie_fraction=5e-3):
+    """Byte equality except at rounding ties of the rotation (which must be rare); everywhere for the fused graph,
+    which evaluates the spec's own float32 expressions."""
     out = out.cpu().numpy()
     assert out.shape == expected.shape and out.dtype == expected.dtype
+    if graph == "fused":
+        assert np.array_equal(out, expected), f"{int((out != expected).sum())} bytes differ from the reference"
     ties = _tie_mask(params, out.shape[2], out.shape[3])
     differ = (out != expected).any(axis=1)  # (B, H, W)
     assert not (differ & ~ties).any(), f"{int((differ & ~ties).sum())} pixels differ away from rounding ties"
@@ -96,13 +104,13 @@ def _assert_matches(out, expected, params, *, max_tie_fraction=5e-3):
     return ties
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device, graph", ARRAY_GRAPHS)
 @pytest.mark.parametrize("shape", [(3, 32, 32), (1, 32, 32), (3, 20, 27), (1, 17, 23)])
-def test_array_augmenter_matches_reference(device, shape):
+def test_array_augmenter_matches_reference(device, graph, shape):
     from spacedkd_fast.data.dali import DaliArrayAugmenter
 
     c, h, w = shape
-    aug = DaliArrayAugmenter(shape, 24, torch.device(device))
+    aug = DaliArrayAugmenter(shape, 24, torch.device(device), graph=graph)
     tie_count = pixel_count = 0
     for step, (b, spec) in enumerate([(24, AugmentSpec(pad=4, flip=True, rotate_degrees=0)),
                                       (24, AugmentSpec(pad=4, flip=True, rotate_degrees=15)),
@@ -114,15 +122,17 @@ def test_array_augmenter_matches_reference(device, shape):
         out = aug(images, params)
         assert out.shape == (b, c, h, w) and out.dtype == torch.uint8 and out.is_contiguous()
         assert out.device == images.device
-        ties = _assert_matches(out, augment_reference_numpy(images.cpu().numpy(), params.to_numpy()), params)
+        assert aug.graph == graph
+        ties = _assert_matches(out, augment_reference_numpy(images.cpu().numpy(), params.to_numpy()), params,
+                               graph=graph)
         if spec.rotate_degrees == 0:
             assert not ties.any()  # crop and flip alone: byte-exact everywhere
         tie_count, pixel_count = tie_count + int(ties.sum()), pixel_count + ties.size
     assert tie_count / pixel_count < 1e-3  # only a tiny fraction of the pixels was exempt
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_array_augmenter_crop_and_flip_are_exact(device):
+@pytest.mark.parametrize("device, graph", ARRAY_GRAPHS)
+def test_array_augmenter_crop_and_flip_are_exact(device, graph):
     from spacedkd_fast.data.dali import DaliArrayAugmenter
 
     b, c, h, w = 48, 3, 9, 14
@@ -131,16 +141,16 @@ def test_array_augmenter_crop_and_flip_are_exact(device):
     # Offsets up to (and beyond) the image size: windows partly or entirely outside the image.
     params = AugmentParams(dy=torch.randint(-12, 13, (b,), generator=g), dx=torch.randint(-16, 17, (b,), generator=g),
                            flip=torch.rand(b, generator=g) < 0.5, cos=torch.ones(b), sin=torch.zeros(b))
-    out = DaliArrayAugmenter((c, h, w), b, torch.device(device))(images, params)
+    out = DaliArrayAugmenter((c, h, w), b, torch.device(device), graph=graph)(images, params)
     assert np.array_equal(out.cpu().numpy(), augment_reference_numpy(images.cpu().numpy(), params.to_numpy()))
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_array_augmenter_identity_and_quarter_turns(device):
+@pytest.mark.parametrize("device, graph", ARRAY_GRAPHS)
+def test_array_augmenter_identity_and_quarter_turns(device, graph):
     from spacedkd_fast.data.dali import DaliArrayAugmenter
 
     images = _images(5, 3, 16, 16, device=device)
-    aug = DaliArrayAugmenter((3, 16, 16), 8, torch.device(device))
+    aug = DaliArrayAugmenter((3, 16, 16), 8, torch.device(device), graph=graph)
     assert torch.equal(aug(images, _fixed_params(5)), images)  # cos = 1, sin = 0: the warp is the identity
     # Exact quarter turns (cos, sin ∈ {0, ±1}): on an even square image every source coordinate is an integer.
     expected = {(0.0, 1.0): 1, (-1.0, 0.0): 2, (0.0, -1.0): 3}
@@ -149,22 +159,22 @@ def test_array_augmenter_identity_and_quarter_turns(device):
         assert torch.equal(out, torch.rot90(images.cpu(), k, dims=(2, 3))), (cos, sin)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_array_augmenter_matches_apply_augment(device):
+@pytest.mark.parametrize("device, graph", ARRAY_GRAPHS)
+def test_array_augmenter_matches_apply_augment(device, graph):
     from spacedkd_fast.data.dali import DaliArrayAugmenter
 
     images = _images(64, 3, 32, 32, seed=4, device=device)
     params = sample_params(AugmentSpec(pad=4, flip=True, rotate_degrees=15), 64, torch.Generator().manual_seed(4),
                            "cpu")
-    out = DaliArrayAugmenter((3, 32, 32), 64, torch.device(device))(images, params)
-    _assert_matches(out, apply_augment(images, params.to(device)).cpu().numpy(), params)
+    out = DaliArrayAugmenter((3, 32, 32), 64, torch.device(device), graph=graph)(images, params)
+    _assert_matches(out, apply_augment(images, params.to(device)).cpu().numpy(), params, graph=graph)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_array_augmenter_determinism_and_fresh_outputs(device):
+@pytest.mark.parametrize("device, graph", ARRAY_GRAPHS)
+def test_array_augmenter_determinism_and_fresh_outputs(device, graph):
     from spacedkd_fast.data.dali import DaliArrayAugmenter
 
-    aug = DaliArrayAugmenter((3, 32, 32), 16, torch.device(device))
+    aug = DaliArrayAugmenter((3, 32, 32), 16, torch.device(device), graph=graph)
     spec = AugmentSpec(pad=4, flip=True, rotate_degrees=15)
     images = _images(16, 3, 32, 32, device=device)
     params = sample_params(spec, 16, torch.Generator().manual_seed(0), "cpu")

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from spacedkd_fast.data.augment import AugmentParams
+from spacedkd_fast.data.dali_ops import FUSED_AUGMENT_OP
 from spacedkd_fast.data.files import (
     CropParams,
     LazyThreadPool,
@@ -151,15 +152,26 @@ def warp_matrices(params: AugmentParams, height: int, width: int) -> np.ndarray:
 class DaliArrayAugmenter:
     """Crop → flip → rotate of uint8 batches with DALI, driven by explicit per-sample parameters.
 
-    The graph: ``fn.external_source`` of the images (HWC; on CUDA the torch tensor itself, zero-copy, with
-    ``device="gpu"``) → ``fn.slice(start=(dy, dx), shape=(H, W), out_of_bounds_policy="pad", fill_values=0)``
-    (the crop; ``fn.crop``'s relative ``crop_pos`` cannot express a pad-4 window) → ``fn.warp_affine`` (nearest
-    neighbour, zero fill, the flip and the rotation in one matrix: :func:`warp_matrices`) → ``fn.transpose`` to
-    CHW. Crop and flip are byte-identical to :func:`~spacedkd_fast.data.augment.augment_reference_numpy`; the
-    rotation too, except for output pixels whose source coordinate lies at a rounding tie (DALI's float32
-    evaluation of the same real coordinate can land on the other side of ``k + ½``). Folding the flip into the
-    warp rather than running ``fn.flip`` saves one operator per batch (the operators, not the feeding, dominate
-    the CPU cost); it changes no byte away from those ties.
+    Two graphs, the same semantics (:mod:`spacedkd_fast.data.augment`):
+
+    * ``"stock"`` (the GPU graph, and its CPU twin): ``fn.external_source`` of the images (HWC; on CUDA the torch
+      tensor itself, zero-copy, with ``device="gpu"``) → ``fn.slice(start=(dy, dx), shape=(H, W),
+      out_of_bounds_policy="pad", fill_values=0)`` (the crop; ``fn.crop``'s relative ``crop_pos`` cannot express a
+      pad-4 window) → ``fn.warp_affine`` (nearest neighbour, zero fill, the flip and the rotation in one matrix:
+      :func:`warp_matrices`) → ``fn.transpose`` to CHW. Crop and flip are byte-identical to
+      :func:`~spacedkd_fast.data.augment.augment_reference_numpy`; the rotation too, except for output pixels whose
+      source coordinate lies at a rounding tie (DALI's float32 evaluation of the same real coordinate can land on
+      the other side of ``k + ½``). Folding the flip into the warp rather than running ``fn.flip`` saves one
+      operator per batch.
+    * ``"fused"`` (CPU only): ``fn.external_source`` of the images (HWC) and of the parameters → this package's
+      ``fn.spacedkd_crop_flip_rotate`` (:mod:`spacedkd_fast.data.dali_ops`, ``csrc/dali/``), one operator that
+      computes the spec's float32 source coordinates and writes CHW: byte-identical to the reference everywhere,
+      ties included. On the CPU, DALI's cost for small images is per sample and per operator, so one operator
+      instead of three is about 3x faster.
+
+    ``graph="auto"`` picks ``"fused"`` on the CPU when the operator builds and loads (it is compiled on first use;
+    one log line says why when it cannot be), ``"stock"`` otherwise and always on CUDA (a GPU runs the three
+    operators far faster than the data path needs).
 
     Args:
         image_shape: ``(C, H, W)`` of every image (any C, including 1).
@@ -168,10 +180,13 @@ class DaliArrayAugmenter:
         num_threads: DALI CPU worker threads.
         prefetch: DALI's ``prefetch_queue_depth``. A call feeds one batch and waits for it, so it must be 1 (the
             argument exists to make that explicit; deeper queues need batches fed ahead of time).
+        graph: ``"auto"``, ``"stock"`` or ``"fused"`` (see above); the chosen one is in :attr:`graph`.
     """
 
+    GRAPHS = ("auto", "stock", "fused")
+
     def __init__(self, image_shape: tuple[int, int, int], max_batch: int, device: torch.device, *,
-                 num_threads: int = 2, prefetch: int = 1) -> None:
+                 num_threads: int = 2, prefetch: int = 1, graph: str = "auto") -> None:
         d = _import_dali("DaliArrayAugmenter")
         if not isinstance(image_shape, (tuple, list)) or len(image_shape) != 3:
             raise ValueError(f"DaliArrayAugmenter: image_shape must be (C, H, W), got {image_shape!r}")
@@ -182,14 +197,36 @@ class DaliArrayAugmenter:
         if prefetch != 1:
             raise ValueError(f"DaliArrayAugmenter: prefetch must be 1 (each call feeds one batch and waits for its "
                              f"result), got {prefetch!r}")
+        if graph not in self.GRAPHS:
+            raise ValueError(f"DaliArrayAugmenter: graph must be one of {self.GRAPHS}, got {graph!r}")
         self.device = _resolve(device)
         self._device_id = _device_id(d, self.device, "DaliArrayAugmenter")
+        self.graph = self._choose_graph(graph)
         self._pipe = self._build(d)
         self._keepalive = None  # the last fed image buffer (zero-copy input): alive until the next call
         # feed_input + run + copy must not interleave between threads (the prefetch thread renders fresh batches
         # while the training thread regenerates replayed ones): interleaved feeds pair one call's images with
         # another's parameters, or deadlock the pipeline.
         self._lock = threading.Lock()
+
+    def _choose_graph(self, requested: str) -> str:
+        from spacedkd_fast import backends
+
+        if requested == "stock":
+            return "stock"
+        if self.device.type == "cuda":
+            if requested == "fused":
+                raise ValueError("DaliArrayAugmenter: graph='fused' is a CPU operator; on CUDA use 'stock' or 'auto'")
+            return "stock"
+        probe = backends.dali_fused_ops()
+        if probe.available:
+            return "fused"
+        if requested == "fused":
+            raise RuntimeError(f"DaliArrayAugmenter: graph='fused' asked for, but the fused DALI CPU operator is "
+                               f"unavailable: {probe.detail}")
+        backends.warn_once("dali_fused", f"fused DALI CPU operator unavailable ({probe.detail}); the CPU DALI "
+                                         f"augmentation runs the stock three-operator graph (about 3x slower)")
+        return "stock"
 
     def _build(self, d: SimpleNamespace):
         fn, types = d.fn, d.types
@@ -200,7 +237,7 @@ class DaliArrayAugmenter:
         # on 2 CPU threads. With a queue depth of 1, run() can take the inputs and returns this batch's outputs.
         @d.dali.pipeline_def(batch_size=self.max_batch, num_threads=self.num_threads, device_id=self._device_id,
                              prefetch_queue_depth=1, exec_pipelined=True, exec_async=True)
-        def graph():
+        def stock():
             images = fn.external_source(name="images", device="gpu" if on_gpu else "cpu", layout="HWC",
                                         dtype=types.UINT8, ndim=3, no_copy=True)
             anchor = fn.external_source(name="anchor", dtype=types.INT32, ndim=1)  # (dy, dx)
@@ -211,7 +248,14 @@ class DaliArrayAugmenter:
                                  fill_value=0, inverse_map=True)
             return fn.transpose(out, perm=[2, 0, 1], output_layout="CHW")
 
-        pipe = graph()
+        @d.dali.pipeline_def(batch_size=self.max_batch, num_threads=self.num_threads, device_id=None,
+                             prefetch_queue_depth=1, exec_pipelined=True, exec_async=True)
+        def fused():
+            images = fn.external_source(name="images", layout="HWC", dtype=types.UINT8, ndim=3, no_copy=True)
+            params = fn.external_source(name="params", dtype=types.FLOAT, ndim=1)  # (dy, dx, flip, cos, sin)
+            return getattr(fn, FUSED_AUGMENT_OP)(images, params)
+
+        pipe = fused() if self.graph == "fused" else stock()
         pipe.build()
         return pipe
 
@@ -255,8 +299,12 @@ class DaliArrayAugmenter:
         if batch == 0:
             return torch.empty_like(images, memory_format=torch.contiguous_format)
         hwc = images.permute(0, 2, 3, 1).contiguous()  # DALI's image operators want channels last
-        anchor = np.stack([params.dy.numpy(), params.dx.numpy()], axis=1).astype(np.int32)
-        matrix = warp_matrices(params, height, width)
+        if self.graph == "fused":
+            inputs = {"params": torch.stack([params.dy.float(), params.dx.float(), params.flip.float(), params.cos,
+                                             params.sin], dim=1).numpy()}  # dy, dx in [-H, H]: exact in float32
+        else:
+            inputs = {"anchor": np.stack([params.dy.numpy(), params.dx.numpy()], axis=1).astype(np.int32),
+                      "matrix": warp_matrices(params, height, width)}
         pipe = self._pipe
         with self._lock:
             if self.device.type == "cuda":
@@ -265,8 +313,8 @@ class DaliArrayAugmenter:
             else:
                 stream = None
                 pipe.feed_input("images", hwc.numpy())
-            pipe.feed_input("anchor", anchor)
-            pipe.feed_input("matrix", matrix)
+            for name, value in inputs.items():
+                pipe.feed_input(name, value)
             self._keepalive = hwc
             (out,) = pipe.run(stream) if stream is not None else pipe.run()
             return _copy_out(out, (batch, channels, height, width), self.device, stream)
