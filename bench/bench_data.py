@@ -6,7 +6,9 @@ end-to-end training images/s with each backend.
 Providers:
 - ``torch``: this package's torch renderer (arrays: one gather on the training device; files: PIL decoding in a
   thread pool + torch crop/resize/flip);
-- ``dali``: the same graph in DALI (GPU when there is one, else DALI's CPU twin);
+- ``dali``: the same augmentation in DALI: the stock graph on the GPU when there is one, else on the CPU the fused
+  operator of ``csrc/dali`` (``DaliArrayAugmenter(graph="auto")``); ``dali-stock``: the CPU twin of the GPU graph
+  (three stock operators), on CPU runs only;
 - ``dataloader``: the classic baseline, a torch DataLoader with as many workers as cores running torchvision's
   per-sample transforms (RandomCrop(pad 4) + flip + RandomRotation(15); RandomResizedCrop + flip for files).
 
@@ -28,6 +30,7 @@ from shapes import ON_CUDA, fit_recording_data_wait
 
 from spacedkd_fast import backends
 from spacedkd_fast.config import TrainConfig
+from spacedkd_fast.data import dali_ops
 from spacedkd_fast.data.augment import apply_augment, sample_params
 from spacedkd_fast.data.datasets import AugmentSpec
 from spacedkd_fast.data.files import ResizedCropSpec, sample_crop_params
@@ -86,16 +89,17 @@ def _dataloader_epoch(loader):
         batch.to(DEVICE, non_blocking=True)
 
 
-@pytest.mark.parametrize("provider", ["torch", "dali", "dataloader"])
+@pytest.mark.parametrize("provider", ["torch", "dali", "dataloader"] + ([] if ON_CUDA else ["dali-stock"]))
 def test_array_augmentation(measure, arrays, provider):
     images_dev = arrays.to(DEVICE)
     if provider == "torch":
         fn = lambda: _array_epoch_torch(images_dev)  # noqa: E731
-    elif provider == "dali":
+    elif provider in ("dali", "dali-stock"):
         _need_dali()
         from spacedkd_fast.data.dali import DaliArrayAugmenter
 
-        augmenter = DaliArrayAugmenter((3, 32, 32), ARRAY_BATCH, DEVICE)
+        augmenter = DaliArrayAugmenter((3, 32, 32), ARRAY_BATCH, DEVICE,
+                                       graph="stock" if provider == "dali-stock" else "auto")
         channels_last = images_dev.contiguous(memory_format=torch.channels_last)
         fn = lambda: _array_epoch_dali(augmenter, channels_last)  # noqa: E731
     else:
@@ -104,7 +108,7 @@ def test_array_augmentation(measure, arrays, provider):
         fn = lambda: _dataloader_epoch(loader)  # noqa: E731
     measure(fn, group=f"augment CIFAR-shaped arrays ({DEVICE.type}, {ARRAY_IMAGES} images, batch {ARRAY_BATCH})",
             provider=provider, baseline=("torch", "dataloader"), items=ARRAY_IMAGES, items_unit="images", warmup=1,
-            rounds=3)
+            rounds=7)
 
 
 def _dali_graph(graph: str):
@@ -120,27 +124,32 @@ def _dali_graph(graph: str):
                                     dtype=types.UINT8, ndim=3, no_copy=True)
         anchor = fn.external_source(name="anchor", dtype=types.INT32, ndim=1)
         matrix = fn.external_source(name="matrix", dtype=types.FLOAT, ndim=2)
+        params = fn.external_source(name="params", dtype=types.FLOAT, ndim=1)
         out = {"passthrough": lambda: images,
                "slice": lambda: fn.slice(images, start=anchor, shape=[32, 32], axes=[0, 1],
                                          out_of_bounds_policy="pad", fill_values=0),
                "warp_affine": lambda: fn.warp_affine(images, matrix=matrix, size=[32, 32], fill_value=0,
                                                      interp_type=types.INTERP_NN, inverse_map=True),
-               "transpose": lambda: fn.transpose(images, perm=[2, 0, 1])}[graph]()
-        return out, anchor, matrix  # every input is consumed, whatever the graph
+               "transpose": lambda: fn.transpose(images, perm=[2, 0, 1]),
+               "fused": lambda: getattr(fn, dali_ops.FUSED_AUGMENT_OP)(images, params)}[graph]()
+        return out, anchor, matrix, params  # every input is consumed, whatever the graph
 
     pipe = pipeline()
     pipe.build()
     return pipe
 
 
-@pytest.mark.parametrize("graph", ["passthrough", "slice", "warp_affine", "transpose"])
+@pytest.mark.parametrize("graph", ["passthrough", "slice", "warp_affine", "transpose"] + ([] if ON_CUDA else ["fused"]))
 def test_dali_operator_costs(measure, arrays, graph):
-    """Where the DALI array graph's time goes: feeding + copying out alone, and each operator alone."""
+    """Where the DALI array graph's time goes: feeding + copying out alone, each stock operator alone, and (CPU) the
+    fused operator that replaces all three."""
     import ctypes
 
     from spacedkd_fast.data.dali import warp_matrices
 
     _need_dali()
+    if graph == "fused":
+        dali_ops.load()
     pipe = _dali_graph(graph)
     hwc = arrays.permute(0, 2, 3, 1).contiguous().to(DEVICE)
     batches = [(hwc[s:s + ARRAY_BATCH], sample_params(SPEC, ARRAY_BATCH, torch.Generator().manual_seed(s), "cpu"))
@@ -153,6 +162,8 @@ def test_dali_operator_costs(measure, arrays, graph):
                                                                                else {}))
             pipe.feed_input("anchor", np.stack([params.dy.numpy(), params.dx.numpy()], 1).astype(np.int32))
             pipe.feed_input("matrix", warp_matrices(params, 32, 32))
+            pipe.feed_input("params", torch.stack([params.dy.float(), params.dx.float(), params.flip.float(),
+                                                   params.cos, params.sin], dim=1).numpy())
             out = (pipe.run(stream) if ON_CUDA else pipe.run())[0]
             dest = torch.empty(tuple(out.as_tensor().shape()), dtype=torch.uint8, device=DEVICE)
             args = (ctypes.c_void_p(stream.cuda_stream),) if ON_CUDA else ()
