@@ -19,7 +19,6 @@ Needs: a C++20 compiler (``$CXX``, default ``g++``) and the CUDA headers DALI's 
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import hashlib
 import os
@@ -141,6 +140,8 @@ def build(cache: Path | None = None, cxx: str | None = None) -> tuple[Path, floa
     except OSError as exc:
         raise OpsBuildError(f"cannot write the operator cache {cache} ({exc}); set SPACEDKD_CACHE_DIR to a "
                             f"writable directory") from exc
+    import fcntl  # POSIX only, like DALI; imported here so this module imports anywhere
+
     # One process compiles, the others wait for it (several ranks or test workers start at once).
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
