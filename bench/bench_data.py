@@ -145,7 +145,7 @@ def test_dali_operator_costs(measure, arrays, graph):
     fused operator that replaces all three."""
     import ctypes
 
-    from spacedkd_fast.data.dali import warp_matrices
+    from spacedkd_fast.data.dali import crop_anchors, fused_params, warp_matrices
 
     _need_dali()
     if graph == "fused":
@@ -160,10 +160,9 @@ def test_dali_operator_costs(measure, arrays, graph):
         for images, params in batches:
             pipe.feed_input("images", images if ON_CUDA else images.numpy(), **({"cuda_stream": stream} if ON_CUDA
                                                                                else {}))
-            pipe.feed_input("anchor", np.stack([params.dy.numpy(), params.dx.numpy()], 1).astype(np.int32))
+            pipe.feed_input("anchor", crop_anchors(params))
             pipe.feed_input("matrix", warp_matrices(params, 32, 32))
-            pipe.feed_input("params", torch.stack([params.dy.float(), params.dx.float(), params.flip.float(),
-                                                   params.cos, params.sin], dim=1).numpy())
+            pipe.feed_input("params", fused_params(params))
             out = (pipe.run(stream) if ON_CUDA else pipe.run())[0]
             dest = torch.empty(tuple(out.as_tensor().shape()), dtype=torch.uint8, device=DEVICE)
             args = (ctypes.c_void_p(stream.cuda_stream),) if ON_CUDA else ()

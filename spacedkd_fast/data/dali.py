@@ -44,7 +44,8 @@ from spacedkd_fast.data.files import (
     decode_rgb,
 )
 
-__all__ = ["DaliArrayAugmenter", "DaliFileRenderer", "dali_available", "warp_matrices"]
+__all__ = ["DaliArrayAugmenter", "DaliFileRenderer", "crop_anchors", "dali_available", "fused_params",
+           "warp_matrices"]
 
 INSTALL_HINT = ("pip install nvidia-dali-cuda130 (the CUDA 13 build, matching torch +cu130; "
                 "nvidia-dali-cuda120 for CUDA 12 builds of torch)")
@@ -151,6 +152,18 @@ def warp_matrices(params: AugmentParams, height: int, width: int) -> np.ndarray:
     return m.astype(np.float32)
 
 
+def crop_anchors(params: AugmentParams) -> np.ndarray:
+    """The stock graph's ``fn.slice`` starts: ``int32 (B, 2)``, ``(dy, dx)`` per sample."""
+    return np.stack([params.dy.numpy(), params.dx.numpy()], axis=1).astype(np.int32)
+
+
+def fused_params(params: AugmentParams) -> np.ndarray:
+    """The fused operator's per-sample input: ``float32 (B, 5)``, ``(dy, dx, flip, cos, sin)`` (the offsets are
+    small integers, exact in float32)."""
+    return torch.stack([params.dy.float(), params.dx.float(), params.flip.float(), params.cos, params.sin],
+                       dim=1).numpy()
+
+
 class DaliArrayAugmenter:
     """Crop → flip → rotate of uint8 batches with DALI, driven by explicit per-sample parameters.
 
@@ -237,8 +250,12 @@ class DaliArrayAugmenter:
 
         # DALI's default (dynamic) executor: measured faster per batch than the simple one (exec_pipelined=False)
         # on 2 CPU threads. With a queue depth of 1, run() can take the inputs and returns this batch's outputs.
-        @d.dali.pipeline_def(batch_size=self.max_batch, num_threads=self.num_threads, device_id=self._device_id,
-                             prefetch_queue_depth=1, exec_pipelined=True, exec_async=True)
+        # (The fused graph only runs on the CPU, where device_id is None.)
+        pipeline_def = d.dali.pipeline_def(batch_size=self.max_batch, num_threads=self.num_threads,
+                                           device_id=self._device_id, prefetch_queue_depth=1, exec_pipelined=True,
+                                           exec_async=True)
+
+        @pipeline_def
         def stock():
             images = fn.external_source(name="images", device="gpu" if on_gpu else "cpu", layout="HWC",
                                         dtype=types.UINT8, ndim=3, no_copy=True)
@@ -250,8 +267,7 @@ class DaliArrayAugmenter:
                                  fill_value=0, inverse_map=True)
             return fn.transpose(out, perm=[2, 0, 1], output_layout="CHW")
 
-        @d.dali.pipeline_def(batch_size=self.max_batch, num_threads=self.num_threads, device_id=None,
-                             prefetch_queue_depth=1, exec_pipelined=True, exec_async=True)
+        @pipeline_def
         def fused():
             images = fn.external_source(name="images", layout="HWC", dtype=types.UINT8, ndim=3, no_copy=True)
             params = fn.external_source(name="params", dtype=types.FLOAT, ndim=1)  # (dy, dx, flip, cos, sin)
@@ -302,11 +318,9 @@ class DaliArrayAugmenter:
             return torch.empty_like(images, memory_format=torch.contiguous_format)
         hwc = images.permute(0, 2, 3, 1).contiguous()  # DALI's image operators want channels last
         if self.graph == "fused":
-            inputs = {"params": torch.stack([params.dy.float(), params.dx.float(), params.flip.float(), params.cos,
-                                             params.sin], dim=1).numpy()}  # dy, dx in [-H, H]: exact in float32
+            inputs = {"params": fused_params(params)}
         else:
-            inputs = {"anchor": np.stack([params.dy.numpy(), params.dx.numpy()], axis=1).astype(np.int32),
-                      "matrix": warp_matrices(params, height, width)}
+            inputs = {"anchor": crop_anchors(params), "matrix": warp_matrices(params, height, width)}
         pipe = self._pipe
         with self._lock:
             if self.device.type == "cuda":
@@ -472,7 +486,6 @@ class DaliFileRenderer:
         return pipe
 
     # -- running --
-
 
     def _run(self, kind: str, files: list[str], inputs: dict[str, np.ndarray]) -> Tensor:
         batch = len(files)
