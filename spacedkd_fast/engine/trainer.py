@@ -34,6 +34,7 @@ from torch import nn
 from spacedkd_fast.config import TrainConfig, incompatible_fields
 from spacedkd_fast.data import load_dataset
 from spacedkd_fast.data.augment import normalize
+from spacedkd_fast.data.datasets import canonical_dataset_name
 from spacedkd_fast.data.files import FILE_DATASET_NAMES, FileDataset, scan_folder_dataset
 from spacedkd_fast.data.pipeline import derive_seed, make_source, select_data_backend
 from spacedkd_fast.data.producer import Prefetcher
@@ -129,13 +130,14 @@ def window_budgets(cfg: TrainConfig, device: torch.device) -> tuple[float, float
 def load_training_data(cfg: TrainConfig, data_backend: str):
     """The run's dataset: decoded into memory, or (folder datasets with ``--stream``, by default with DALI) a
     :class:`~spacedkd_fast.data.files.FileDataset` streamed from disk."""
-    folder = cfg.dataset.strip().lower().replace("_", "-") in FILE_DATASET_NAMES
+    name = canonical_dataset_name(cfg.dataset)
+    folder = name in FILE_DATASET_NAMES
     stream = cfg.stream if cfg.stream is not None else folder and data_backend == "dali"
     if stream and not folder:
         raise ValueError(f"--stream applies to folder datasets ({', '.join(FILE_DATASET_NAMES)}), not "
                          f"{cfg.dataset!r}")
     if stream:
-        default_size = 64 if cfg.dataset.strip().lower().replace("_", "-") == "tiny-imagenet" else 224
+        default_size = 64 if name == "tiny-imagenet" else 224
         return scan_folder_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size or default_size)
     return load_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size)
 
@@ -497,6 +499,11 @@ class Trainer:
         """``(plan, uint8 images, labels)`` of a fresh batch: from the prefetch thread, or rendered here."""
         if self._prefetcher is not None:
             return self._prefetcher.next(data_iteration)
+        return self._render_fresh(data_iteration)
+
+    def _render_fresh(self, data_iteration: int):
+        """``(plan, uint8 images, labels)`` of the data stream's batch ``data_iteration`` (the prefetch thread runs
+        this too)."""
         plan = self.source.plan(data_iteration)
         return (plan, *self.source.render(plan))
 
@@ -515,12 +522,7 @@ class Trainer:
         self._prefetcher = None
         if depth > 0:
             end = self.schedule.total_iterations * (2 if self.cfg.mode == "offline" else 1)
-
-            def make(iteration):
-                plan = self.source.plan(iteration)
-                return (plan, *self.source.render(plan))
-
-            self._prefetcher = Prefetcher(range(self._data_iteration(), end), make, depth, self.device)
+            self._prefetcher = Prefetcher(range(self._data_iteration(), end), self._render_fresh, depth, self.device)
 
     def _event(self) -> torch.cuda.Event | None:
         if not (self.overlap and self.device.type == "cuda"):
