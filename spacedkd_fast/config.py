@@ -56,7 +56,7 @@ class TrainConfig:
     data_dir: str | None = _f(None, "dataset folder (CIFAR python-pickle folder, tiny-imagenet-200/, or an "
                                     "ImageFolder root with train/ and val/)", metavar="DIR")
     image_size: int | None = _f(None, "resize decoded image datasets to this size (px); default 64 for "
-                                      "tiny-imagenet/imagefolder", metavar="PX")
+                                      "tiny-imagenet/imagefolder (224 for a streamed imagefolder)", metavar="PX")
     stream: bool | None = _f(None, "stream tiny-imagenet / imagefolder from disk, decoding each batch when it is "
                                    "needed (default: with the DALI backend; otherwise the folder is decoded into "
                                    "memory)")

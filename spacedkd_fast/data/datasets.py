@@ -161,6 +161,11 @@ class ImageDataset:
                 f"image_shape=({c}, {h}, {w}), num_classes={self.num_classes}, augment={self.augment})")
 
 
+def canonical_dataset_name(name: str) -> str:
+    """A dataset name as the registries spell it: case-insensitive, ``_`` and ``-`` interchangeable."""
+    return name.strip().lower().replace("_", "-")
+
+
 def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, image_size: int | None = None
                  ) -> ImageDataset:
     """Read a dataset into memory.
@@ -184,7 +189,7 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, image_
     """
     if not isinstance(name, str):
         raise TypeError(f"load_dataset: name must be a str, one of {', '.join(DATASET_NAMES)}; got {name!r}")
-    canonical = name.strip().lower().replace("_", "-")
+    canonical = canonical_dataset_name(name)
     if canonical not in DATASET_NAMES:
         raise ValueError(f"load_dataset: unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
     if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)

@@ -63,6 +63,7 @@ from torch import Tensor
 from spacedkd_fast.data.datasets import (
     IMAGEFOLDER_LAYOUT,
     TINY_IMAGENET_LAYOUT,
+    canonical_dataset_name,
     scan_imagefolder,
     scan_tiny_imagenet,
 )
@@ -332,7 +333,7 @@ def scan_folder_dataset(name: str, data_dir: str | os.PathLike, *, image_size: i
     if not isinstance(name, str):
         raise TypeError(f"scan_folder_dataset: name must be a str, one of {', '.join(FILE_DATASET_NAMES)}; "
                         f"got {name!r}")
-    canonical = name.strip().lower().replace("_", "-")
+    canonical = canonical_dataset_name(name)
     if canonical not in FILE_DATASET_NAMES:
         raise ValueError(f"scan_folder_dataset: unknown dataset {name!r}; choose one of "
                          f"{', '.join(FILE_DATASET_NAMES)} (the others load into memory with load_dataset)")
