@@ -29,13 +29,22 @@ backward is one multiply by grad_output whatever the path.
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # a plain float global compiles only in the interpreter
+
+
+@triton.jit
+def _columns(cols, v0, COL64: tl.constexpr):
+    """Column indices ``cols + v0``, widened to int64 when ``column · stride`` may pass 2^31 (COL64)."""
+    c = cols + v0
+    if COL64:
+        c = c.to(tl.int64)
+    return c
 
 
 @triton.jit
 def _kd_tile(
-    row_start,
-    grad_s_ptr, grad_t_ptr,
+    row_start, total,
+    loss_ptr, grad_s_ptr, grad_t_ptr,
     s_ptr, s_sk, s_s0, s_s1, s_sv,
     t_ptr, t_s0, t_s1, t_sv,
     y_ptr, y_stride,
@@ -43,9 +52,14 @@ def _kd_tile(
     inv_temp, ce_weight, kd_weight, label_smoothing, ignore_index, grad_scale,
     HAS_TARGET: tl.constexpr, HAS_CE: tl.constexpr, HAS_KD: tl.constexpr,
     GRAD_S: tl.constexpr, GRAD_T: tl.constexpr, TEMP_IS_ONE: tl.constexpr,
-    ROWS: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr, ONE_BLOCK: tl.constexpr,
+    ROWS: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr, ONE_BLOCK: tl.constexpr, COL64: tl.constexpr,
+    SINGLE_PROGRAM: tl.constexpr,
 ):
-    """Loss (and gradients) of teacher rows ``[row_start, row_start + ROWS)``; returns ``([ROWS, KP] loss, mask)``.
+    """Loss (and gradients) of teacher rows ``[row_start, row_start + ROWS)``.
+
+    The loss is settled before the gradient pass, so it is not live across it (ptxas spilled it there): in
+    SINGLE_PROGRAM mode the tile's losses are added to ``total`` (``[KP]``, returned), otherwise the per-row losses
+    are stored at ``loss_ptr`` (``(K, N)``; a mean's already divided by the count).
 
     Rows that are ignored, past N, or students past K get loss 0 and gradient 0 (the gradient is written as 0 so
     the caller can allocate it uninitialized); their logits are never loaded.
@@ -81,7 +95,8 @@ def _kd_tile(
     # ---- pass 1: row statistics --------------------------------------------------------------------------------
     if ONE_BLOCK:
         cmask = cols < V
-        s = tl.load(s_row + cols * s_sv, mask=load_rk & cmask, other=neg_inf).to(tl.float32)
+        s = tl.load(s_row + _columns(cols, 0, COL64) * s_sv, mask=load_rk & cmask,
+                    other=neg_inf).to(tl.float32)
         m_s = tl.max(s, axis=2)  # [ROWS, KP]
         m_s = tl.where(m_s == neg_inf, 0.0, m_s)  # fully masked rows: keep exp() away from -inf - -inf
         xs = s - m_s[:, :, None]
@@ -95,7 +110,8 @@ def _kd_tile(
             zT = tl.sum(eT, axis=2)
         sum_s = tl.sum(tl.where(cmask & load_rk, s, 0.0), axis=2)
         if HAS_KD:
-            t = tl.load(t_row + cols * t_sv, mask=load_r & cmask, other=neg_inf).to(tl.float32)
+            t = tl.load(t_row + _columns(cols, 0, COL64) * t_sv, mask=load_r & cmask,
+                        other=neg_inf).to(tl.float32)
             m_t = tl.max(t, axis=2)  # [ROWS, 1]
             m_t = tl.where(m_t == neg_inf, 0.0, m_t)
             et = tl.exp2((t - m_t[:, :, None]) * scale_s)
@@ -114,7 +130,8 @@ def _kd_tile(
         prev_ref_t = tl.zeros([ROWS, 1], tl.float32)
         for v0 in range(0, V, BV):
             cmask = (cols + v0) < V
-            s = tl.load(s_row + (cols + v0) * s_sv, mask=load_rk & cmask, other=neg_inf).to(tl.float32)
+            s = tl.load(s_row + _columns(cols, v0, COL64) * s_sv, mask=load_rk & cmask,
+                        other=neg_inf).to(tl.float32)
             # m_s is the true running max (−inf until a finite logit is seen); exponents are taken against a
             # finite stand-in for it, and old sums are rescaled from the true old max, which is 0 · (nothing)
             # when nothing was accumulated yet.
@@ -129,7 +146,8 @@ def _kd_tile(
                 zT = zT * tl.exp2((m_s - ref_s) * scale_s) + tl.sum(tl.exp2(xs * scale_s), axis=2)
             sum_s += tl.sum(tl.where(cmask & load_rk, s, 0.0), axis=2)
             if HAS_KD:
-                t = tl.load(t_row + (cols + v0) * t_sv, mask=load_r & cmask, other=neg_inf).to(tl.float32)
+                t = tl.load(t_row + _columns(cols, v0, COL64) * t_sv, mask=load_r & cmask,
+                            other=neg_inf).to(tl.float32)
                 new_m_t = tl.maximum(m_t, tl.max(t, axis=2))
                 ref_t = tl.where(new_m_t == neg_inf, 0.0, new_m_t)
                 xt = t - ref_t[:, :, None]
@@ -164,6 +182,11 @@ def _kd_tile(
         loss += kd_weight * kl
     loss = tl.where(bad_label[:, None], float("nan"), loss)
     loss = tl.where(valid[:, None] & k_in[None, :], loss, 0.0)
+    if SINGLE_PROGRAM:
+        total += tl.sum(loss, axis=0)
+    else:
+        offs = ks.to(tl.int64)[None, :] * N + rows64[:, None]
+        tl.store(loss_ptr + offs, loss * grad_scale, mask=row_in[:, None] & k_in[None, :])
 
     # ---- pass 2: gradients (reverse block order) ---------------------------------------------------------------
     if GRAD_S or GRAD_T:
@@ -186,7 +209,8 @@ def _kd_tile(
             if ONE_BLOCK:
                 s_blk = s
             else:
-                s_blk = tl.load(s_row + (cols + v0) * s_sv, mask=load_rk & cmask, other=neg_inf).to(tl.float32)
+                s_blk = tl.load(s_row + _columns(cols, v0, COL64) * s_sv, mask=load_rk & cmask,
+                                other=neg_inf).to(tl.float32)
             xs = s_blk - ms3
             g = tl.zeros([ROWS, KP, BV], tl.float32)
             if HAS_CE:
@@ -197,7 +221,8 @@ def _kd_tile(
                 if ONE_BLOCK:
                     t_blk = t
                 else:
-                    t_blk = tl.load(t_row + (cols + v0) * t_sv, mask=load_r & cmask, other=neg_inf).to(tl.float32)
+                    t_blk = tl.load(t_row + _columns(cols, v0, COL64) * t_sv, mask=load_r & cmask,
+                                    other=neg_inf).to(tl.float32)
                 xt = t_blk - mt3
                 p_t = tl.exp2(xt * scale_s) * inv_zt3
                 if TEMP_IS_ONE and HAS_CE:
@@ -215,12 +240,12 @@ def _kd_tile(
                 g = tl.where(nan_rows, float("nan"), g)
                 g = tl.where(keep_rk, g, 0.0)
                 tl.store(grad_s_ptr + g_row + cols + v0, g.to(grad_s_ptr.dtype.element_ty), mask=write_rk & cmask)
-    return loss, valid
+    return total
 
 
 @triton.jit
 def _kd_loss_fwd_kernel(
-    loss_ptr,  # fp32: (K, N) per-row losses, or (K,) reduced losses in SINGLE_PROGRAM mode
+    loss_ptr,  # fp32: (K, N) per-row losses (divided by the count for a mean), or (K,) reduced in SINGLE_PROGRAM
     grad_s_ptr,  # (K, N, V) contiguous, student dtype: ∂loss/∂student (unscaled by grad_output)
     grad_t_ptr,  # (K, N, V) contiguous, teacher dtype: ∂loss_k/∂teacher for each student k
     s_ptr, s_sk, s_s0, s_s1, s_sv,  # student logits viewed as (K, R0, R1, V), any strides
@@ -239,6 +264,7 @@ def _kd_loss_fwd_kernel(
     MEAN: tl.constexpr,  # gradients are divided by the number of non-ignored rows (and, SINGLE_PROGRAM, the loss)
     ROWS: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr, ONE_BLOCK: tl.constexpr,
     COUNT_BLOCK: tl.constexpr,  # labels read per step when counting valid rows
+    COL64: tl.constexpr,  # column offsets in int64 (a column stride × V past 2^31)
 ):
     if SINGLE_PROGRAM:
         grad_scale = 1.0
@@ -255,23 +281,19 @@ def _kd_loss_fwd_kernel(
             grad_scale = 1.0 / tl.maximum(count, 1.0)
         total = tl.zeros([KP], tl.float32)
         for row_start in range(0, N, ROWS):
-            loss, _ = _kd_tile(
-                row_start, grad_s_ptr, grad_t_ptr, s_ptr, s_sk, s_s0, s_s1, s_sv, t_ptr, t_s0, t_s1, t_sv,
-                y_ptr, y_stride, K, N, R1, V, inv_temp, ce_weight, kd_weight, label_smoothing, ignore_index,
-                grad_scale, HAS_TARGET, HAS_CE, HAS_KD, GRAD_S, GRAD_T, TEMP_IS_ONE, ROWS, KP, BV, ONE_BLOCK)
-            total += tl.sum(loss, axis=0)
+            total = _kd_tile(
+                row_start, total, loss_ptr, grad_s_ptr, grad_t_ptr, s_ptr, s_sk, s_s0, s_s1, s_sv, t_ptr, t_s0,
+                t_s1, t_sv, y_ptr, y_stride, K, N, R1, V, inv_temp, ce_weight, kd_weight, label_smoothing,
+                ignore_index, grad_scale, HAS_TARGET, HAS_CE, HAS_KD, GRAD_S, GRAD_T, TEMP_IS_ONE, ROWS, KP, BV,
+                ONE_BLOCK, COL64, SINGLE_PROGRAM)
         ks = tl.arange(0, KP)
         tl.store(loss_ptr + ks, total * grad_scale, mask=ks < K)
     else:
         grad_scale = 1.0
         if MEAN:
             grad_scale = 1.0 / tl.maximum(tl.load(count_ptr), 1.0)
-        row_start = tl.program_id(0) * ROWS
-        loss, _ = _kd_tile(
-            row_start, grad_s_ptr, grad_t_ptr, s_ptr, s_sk, s_s0, s_s1, s_sv, t_ptr, t_s0, t_s1, t_sv,
-            y_ptr, y_stride, K, N, R1, V, inv_temp, ce_weight, kd_weight, label_smoothing, ignore_index,
-            grad_scale, HAS_TARGET, HAS_CE, HAS_KD, GRAD_S, GRAD_T, TEMP_IS_ONE, ROWS, KP, BV, ONE_BLOCK)
-        rows = row_start + tl.arange(0, ROWS)
-        ks = tl.arange(0, KP)
-        offs = ks.to(tl.int64)[None, :] * N + rows.to(tl.int64)[:, None]
-        tl.store(loss_ptr + offs, loss, mask=(rows < N)[:, None] & (ks < K)[None, :])
+        _kd_tile(
+            tl.program_id(0) * ROWS, tl.zeros([KP], tl.float32), loss_ptr, grad_s_ptr, grad_t_ptr, s_ptr, s_sk,
+            s_s0, s_s1, s_sv, t_ptr, t_s0, t_s1, t_sv, y_ptr, y_stride, K, N, R1, V, inv_temp, ce_weight, kd_weight,
+            label_smoothing, ignore_index, grad_scale, HAS_TARGET, HAS_CE, HAS_KD, GRAD_S, GRAD_T, TEMP_IS_ONE,
+            ROWS, KP, BV, ONE_BLOCK, COL64, SINGLE_PROGRAM)

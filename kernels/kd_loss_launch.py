@@ -2,11 +2,34 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
+
 import torch
 from torch import Tensor
 
 from spacedkd_fast.kernels import launch
 from spacedkd_fast.kernels.kd_loss import _kd_loss_fwd_kernel
+
+
+def _launch_on_device(kernel, grid, args, kwargs) -> None:
+    kernel[grid](*args, **kwargs)
+
+
+# How a configured kernel is started. The compile gate (``compile_gate.py``) swaps in a compile-only version, so it
+# goes through this launcher, and its heuristics, without a GPU.
+_launcher: Callable = _launch_on_device
+
+
+@contextlib.contextmanager
+def launcher(fn: Callable) -> Iterator[None]:
+    """Within the block, kernels are handed to ``fn(kernel, grid, args, kwargs)`` instead of being launched."""
+    global _launcher
+    previous, _launcher = _launcher, fn
+    try:
+        yield
+    finally:
+        _launcher = previous
 
 
 def kd_loss_forward(
@@ -40,8 +63,9 @@ def kd_loss_forward(
     """
     k, r0, r1, vocab = student.shape
     n = r0 * r1
-    cfg = launch.kd_loss_config(n, k, vocab, reduced=reduction != "none")
-    grid, num_warps, single = cfg.pop("grid"), cfg.pop("num_warps"), cfg["SINGLE_PROGRAM"]
+    cfg = launch.kd_loss_config(n, k, vocab, reduced=reduction != "none",
+                                column_stride=max(abs(student.stride(3)), abs(teacher.stride(2))))
+    grid, single = cfg.pop("grid"), cfg["SINGLE_PROGRAM"]
     device = student.device
     loss = torch.empty((k,) if single else (k, n), dtype=torch.float32, device=device)
     grad_s = torch.empty((k, n, vocab), dtype=student.dtype, device=device) if grad_student else None
@@ -53,7 +77,7 @@ def kd_loss_forward(
     if mean and not single:
         count = (target != ignore_index).sum(dtype=torch.float32) if has_target else torch.full(
             (), float(n), dtype=torch.float32, device=device)
-    _kd_loss_fwd_kernel[grid](
+    args = (
         loss,
         grad_s if grad_s is not None else loss,
         grad_t if grad_t is not None else loss,
@@ -63,6 +87,8 @@ def kd_loss_forward(
         k, n, r1, vocab,
         1.0 / temperature, ce_weight, kd_weight, label_smoothing, ignore_index,
         count if count is not None else loss,
+    )
+    kwargs = dict(
         HAS_TARGET=has_target,
         HAS_CE=has_target and ce_weight != 0.0,
         HAS_KD=kd_weight != 0.0,
@@ -70,13 +96,11 @@ def kd_loss_forward(
         GRAD_T=grad_teacher and kd_weight != 0.0,
         TEMP_IS_ONE=temperature == 1.0,
         MEAN=mean,
-        num_warps=num_warps,
         **cfg,
     )
+    _launcher(_kd_loss_fwd_kernel, grid, args, kwargs)
     if grad_t is not None and kd_weight == 0.0:
         grad_t.zero_()  # the loss does not depend on the teacher
     if not single and reduction != "none":
-        loss = loss.sum(dim=1)
-        if count is not None:
-            loss = loss / count.clamp_min(1.0)
+        loss = loss.sum(dim=1)  # a mean's rows were already divided by the count
     return loss, grad_s, grad_t
