@@ -135,6 +135,8 @@ def _add_speedups(results: list[dict]) -> None:
         for r in results:  # the ceiling of the memory-bound loss kernels
             if "GB_per_s" in r and r["group"].startswith("kd_loss"):
                 r["pct_of_copy_bandwidth"] = 100.0 * r["GB_per_s"] / peak
+            if "floor_bytes" in r:  # time / the time a copy of the unavoidable bytes takes (1.0 = the floor)
+                r["x_copy_floor"] = r["median_s"] / (r["floor_bytes"] / (peak * 1e9))
 
 
 def _merge_with_earlier(out: Path, results: list[dict]) -> list[dict]:
@@ -190,7 +192,7 @@ def pytest_sessionfinish(session, exitstatus):
     for r in RESULTS:
         extra = [f"{r['median_s'] * 1e3:9.3f} ms"]
         for key, fmt in (("GB_per_s", "{:8.2f} GB/s"), ("images_per_s", "{:10.0f} img/s"),
-                         ("pct_of_copy_bandwidth", "{:5.1f}% of copy"),
+                         ("pct_of_copy_bandwidth", "{:5.1f}% of copy"), ("x_copy_floor", "{:5.2f}x copy floor"),
                          ("data_wait_fraction", "{:.1%} waiting for data")):
             if key in r and not (isinstance(r[key], float) and math.isnan(r[key])):
                 extra.append(fmt.format(r[key]))

@@ -13,7 +13,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_forward(const at::Tensor&
                                                                const c10::optional<at::Tensor>& target,
                                                                double temperature, double ce_weight, double kd_weight,
                                                                double label_smoothing, int64_t ignore_index,
-                                                               double grad_scale, bool grad_student,
+                                                               const std::string& reduction, bool grad_student,
                                                                bool grad_teacher) {
   SPACEDKD_CHECK(student.device().is_cpu() && teacher.device().is_cpu(), "student and teacher must be CPU tensors");
   SPACEDKD_CHECK(student.dim() == 4, "student must be (K, R0, R1, V), got ", student.sizes());
@@ -33,10 +33,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_forward(const at::Tensor&
     SPACEDKD_CHECK(y.size(0) == teacher.size(0) * teacher.size(1), "target has ", y.size(0), " labels for ",
                    teacher.size(0) * teacher.size(1), " rows");
   }
+  spacedkd::Reduction mode;
+  if (reduction == "mean") {
+    mode = spacedkd::Reduction::kMean;
+  } else if (reduction == "sum") {
+    mode = spacedkd::Reduction::kSum;
+  } else {
+    SPACEDKD_CHECK(reduction == "none", "reduction must be mean, sum or none, got ", reduction);
+    mode = spacedkd::Reduction::kNone;
+  }
   spacedkd::KDLossParams params{static_cast<float>(1.0 / temperature), static_cast<float>(ce_weight),
                                 static_cast<float>(kd_weight), static_cast<float>(label_smoothing), ignore_index,
-                                static_cast<float>(grad_scale)};
-  return spacedkd::kd_loss_forward_cpu(student, teacher, target, params, grad_student, grad_teacher);
+                                1.0f};
+  return spacedkd::kd_loss_forward_cpu(student, teacher, target, params, mode, grad_student, grad_teacher);
 }
 
 }  // namespace
@@ -46,6 +55,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("kd_loss_forward", &kd_loss_forward,
         "Fused KD+CE forward on CPU: per-row losses and the student/teacher gradients in one pass over each row.",
         py::arg("student"), py::arg("teacher"), py::arg("target"), py::arg("temperature"), py::arg("ce_weight"),
-        py::arg("kd_weight"), py::arg("label_smoothing"), py::arg("ignore_index"), py::arg("grad_scale"), py::arg("grad_student"),
-        py::arg("grad_teacher"));
+        py::arg("kd_weight"), py::arg("label_smoothing"), py::arg("ignore_index"), py::arg("reduction"),
+        py::arg("grad_student"), py::arg("grad_teacher"));
+  m.def("release_cached_buffers", &spacedkd::release_cached_buffers,
+        "Free the pooled CPU gradient buffers no tensor holds (kept, up to 1 GiB, so a training step reuses them).");
+  m.def("cached_buffer_bytes", &spacedkd::cached_buffer_bytes, "Bytes of pooled CPU gradient buffers held for reuse.");
 }

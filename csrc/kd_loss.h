@@ -14,17 +14,25 @@ struct KDLossParams {
   float kd_weight;        // α · T² (α with t_squared=False; T² or 1 without a target)
   float label_smoothing;  // ε
   int64_t ignore_index;
-  float grad_scale;  // multiplies the gradients only (1 / number of non-ignored rows for a mean)
+  float grad_scale;  // multiplies the gradients only (set by kd_loss_forward_cpu: 1 / valid rows for a mean)
 };
 
+enum class Reduction { kNone, kSum, kMean };
+
 // student (K, R0, R1, V) and teacher (R0, R1, V), any strides, float32 / bfloat16 / float16;
-// target (N,) int64 contiguous with N = R0·R1, or undefined.
-// Returns (loss (K, N) float32, grad_student (K, N, V) or undefined, grad_teacher (K, N, V) or undefined):
-// per-row losses and the gradients of each row's loss times params.grad_scale, unscaled by any grad_output.
+// target (N,) int64 contiguous with N = R0·R1, or undefined; labels outside [0, V) that are not ignore_index raise
+// a ValueError naming them.
+// Returns (loss, grad_student (K, N, V) or undefined, grad_teacher (K, N, V) or undefined): loss is (K,) float32
+// for kSum / kMean (over the non-ignored rows) and the (K, N) per-row losses for kNone; the gradients are those of
+// the reduced loss, unscaled by any grad_output. Gradients of 1 MB and more come from a pool of reused buffers.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_forward_cpu(const at::Tensor& student,
                                                                    const at::Tensor& teacher,
                                                                    const c10::optional<at::Tensor>& target,
-                                                                   const KDLossParams& params, bool grad_student,
-                                                                   bool grad_teacher);
+                                                                   KDLossParams params, Reduction reduction,
+                                                                   bool grad_student, bool grad_teacher);
+
+// Free the pooled gradient buffers that no tensor holds (they are otherwise kept, up to 1 GiB, for reuse).
+void release_cached_buffers();
+size_t cached_buffer_bytes();
 
 }  // namespace spacedkd

@@ -57,8 +57,24 @@ def triton_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.cache
+_triton_broken: str | None = None  # why the kernel failed to compile, once it has (see mark_triton_broken)
+
+
+def mark_triton_broken(reason: str) -> None:
+    """The Triton kernel failed to compile in this process: report Triton unavailable from now on, so
+    ``backend="auto"`` stops trying it."""
+    global _triton_broken
+    _triton_broken = reason
+
+
 def triton() -> Probe:
+    if _triton_broken is not None:
+        return Probe(False, f"the kd_loss kernel failed to compile: {_triton_broken}")
+    return _triton_import()
+
+
+@functools.cache
+def _triton_import() -> Probe:
     probe = _import_probe("triton")
     if not probe.available:
         return probe

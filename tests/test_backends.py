@@ -90,3 +90,66 @@ def test_env_override(monkeypatch):
         if backends.triton_interpreter():
             pytest.skip("the interpreter runs Triton on CPU")
         backends.select_loss_backend("triton", torch.device("cpu"), torch.float32)
+
+
+def _compile_failure(monkeypatch):
+    """Make Triton the "auto" choice for these CPU tensors, and make its kernel fail to compile at launch."""
+    from triton.compiler.errors import CompilationError
+
+    from spacedkd_fast.kernels import kd_loss_launch
+
+    monkeypatch.setattr(backends, "_triton_broken", None)
+    monkeypatch.setattr(backends, "_warned", set())
+    real_select = backends.select_loss_backend
+
+    def select(requested, device, dtype):
+        if requested == "triton" or (requested == "auto" and backends.triton().available):
+            return "triton"
+        return real_select("torch" if requested == "auto" else requested, device, dtype)
+
+    monkeypatch.setattr(backends, "select_loss_backend", select)
+    calls = []
+
+    def failing_launch(kernel, grid, args, kwargs):
+        calls.append(kwargs)
+        raise CompilationError("kd_loss.py", None, "simulated: unsupported on this GPU")
+
+    monkeypatch.setattr(kd_loss_launch, "_launcher", failing_launch)
+    return calls
+
+
+def test_triton_compile_failure_falls_back_once(monkeypatch, caplog):
+    import logging
+
+    import torch
+
+    from spacedkd_fast import kd_loss, kd_loss_reference
+
+    calls = _compile_failure(monkeypatch)
+    s = (torch.randn(6, 3, 17) * 3).requires_grad_(True)  # 3 students
+    t = (torch.randn(3, 17) * 3).requires_grad_(True)
+    y = torch.tensor([1, -100, 16])
+    with caplog.at_level(logging.WARNING, logger="spacedkd_fast"):
+        losses = [kd_loss(s[:3], t, y, temperature=2.0, alpha=0.3, teacher_grad=True) for _ in range(3)]
+    assert len(calls) == 1, "Triton is not tried again after it failed to compile"
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "failed to compile" in lines[0] and "simulated" in lines[0], lines
+    assert not backends.triton().available and "failed to compile" in backends.triton().detail
+    s_ref = s.detach()[:3].double().requires_grad_(True)
+    t_ref = t.detach().double().requires_grad_(True)
+    ref = kd_loss_reference(s_ref, t_ref, y, temperature=2.0, alpha=0.3, teacher_grad=True)
+    (ref * torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)).sum().backward()
+    (losses[0] * torch.tensor([0.5, 1.0, 2.0])).sum().backward()  # the fallback's own saved gradients
+    torch.testing.assert_close(losses[0].double(), ref.detach(), rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(s.grad[:3].double(), s_ref.grad, rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(t.grad.double(), t_ref.grad, rtol=2e-5, atol=2e-6)
+
+
+def test_explicit_triton_compile_failure_raises(monkeypatch):
+    import torch
+
+    from spacedkd_fast import kd_loss
+
+    _compile_failure(monkeypatch)
+    with pytest.raises(RuntimeError, match="backend='triton' requested but the Triton kernel failed to compile"):
+        kd_loss(torch.randn(4, 10), torch.randn(4, 10), torch.tensor([0, 1, 2, 3]), backend="triton")

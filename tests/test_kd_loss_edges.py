@@ -198,28 +198,12 @@ def test_torch_compile_fullgraph(backend):
     torch.testing.assert_close(x1.grad, x2.grad)
 
 
-# ---- launch budget at N = 1024, V = 100: one kernel forward, one multiply backward ----------------------------
+# ---- launch budget: one kernel forward, an in-place multiply (at most) backward --------------------------------
 
-@pytest.mark.triton
-def test_small_problem_launch_budget(monkeypatch):
-    """Counts Triton launches and every ATen op that computes (allocations excluded) in forward + backward."""
+def _ops_during(fn, paused=lambda: False):
+    """``(result, [(aten op, output numel)])`` of the ops that compute (allocations and views excluded), except
+    while ``paused()`` (the Triton interpreter's own copies inside a launch)."""
     from torch.utils._python_dispatch import TorchDispatchMode
-
-    from spacedkd_fast.kernels import kd_loss as kd_kernels
-
-    launches = []
-    original = kd_kernels._kd_loss_fwd_kernel.run
-
-    def counting_run(*args, **kwargs):
-        launches.append("kd_loss_fwd")
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(kd_kernels._kd_loss_fwd_kernel, "run", counting_run)
-    # On CPU tensors the label range check runs (it is free there); on CUDA it is off, as it would cost a sync.
-    if DEVICE == "cpu":
-        from spacedkd_fast.loss import args
-
-        monkeypatch.setattr(args, "_check_target_values", lambda *a: None)
 
     allocation = re.compile(r"aten\.(empty|empty_strided|new_empty|as_strided|view|reshape|_unsafe_view|detach|"
                             r"alias|expand|squeeze|unsqueeze|t|select|slice)\b")
@@ -230,19 +214,108 @@ def test_small_problem_launch_budget(monkeypatch):
             self.ops = []
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
             name = str(func)
-            if not allocation.match(name) and "kd_loss_fused" not in name:
-                self.ops.append(name)
-            return func(*args, **(kwargs or {}))
+            if not allocation.match(name) and not paused():
+                numel = out.numel() if isinstance(out, torch.Tensor) else 0
+                self.ops.append((name, numel))
+            return out
 
-    s = make_logits(1024, 100).requires_grad_(True)
-    t, y = make_logits(1024, 100), make_target(1024, 100)
-    with OpCounter() as fwd:
-        loss = kd_loss(s, t, y, temperature=2.0, alpha=0.3, backend="triton")
-    with OpCounter() as bwd:
-        loss.backward()
-    compute_ops = [op for op in bwd.ops if not op.startswith("aten.ones_like")]  # autograd's own seed
-    assert launches == ["kd_loss_fwd"] and fwd.ops == [], (launches, fwd.ops)
-    assert compute_ops == ["aten.mul.Tensor"], compute_ops
+    with OpCounter() as counter:
+        result = fn()
+    return result, counter.ops
+
+
+def _assert_backward_allocates_no_gradient(ops, numel):
+    """Backward may read grad_output and scale in place, but never produce a new gradient-sized tensor."""
+    new_big = [op for op, n in ops if n >= numel and not op.startswith("aten.mul_")]
+    assert not new_big, new_big
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("shape", [(128, 100), (1024, 100)], ids=["single_program", "grid"])
+def test_launch_budget(monkeypatch, shape):
+    """One Triton launch forward (plus the valid-row count and the row sum on the multi-program path); the
+    backward scales the saved gradient in place (or, on CPU with grad_output 1, not at all)."""
+    from spacedkd_fast.kernels import kd_loss as kd_kernels
+    from spacedkd_fast.kernels import launch
+
+    launches, running = [], [False]
+    original = kd_kernels._kd_loss_fwd_kernel.run
+
+    def counting_run(*args, **kwargs):
+        launches.append("kd_loss_fwd")
+        running[0] = True
+        try:
+            return original(*args, **kwargs)
+        finally:
+            running[0] = False
+
+    monkeypatch.setattr(kd_kernels._kd_loss_fwd_kernel, "run", counting_run)
+    # On CPU tensors the label range check runs (it is free there); on CUDA it is off, as it would cost a sync.
+    if DEVICE == "cpu":
+        from spacedkd_fast.loss import api
+
+        monkeypatch.setattr(api, "check_target_values", lambda *a: None)
+    n, v = shape
+    single = launch.kd_loss_config(n, 1, v, reduced=True)["SINGLE_PROGRAM"]
+    assert single == (n * v <= launch.SINGLE_PROGRAM_MAX_ELEMENTS)
+    s = make_logits(n, v).requires_grad_(True)
+    t, y = make_logits(n, v), make_target(n, v)
+    loss, fwd = _ops_during(lambda: kd_loss(s, t, y, temperature=2.0, alpha=0.3, backend="triton"),
+                            paused=lambda: running[0])
+    _, bwd = _ops_during(loss.backward)
+    fwd_ops = [op for op, _ in fwd]
+    assert launches == ["kd_loss_fwd"], launches
+    # The multi-program path counts the non-ignored rows on the device (no sync) and sums the per-row losses.
+    assert fwd_ops == ([] if single else ["aten.ne.Scalar", "aten.sum.default", "aten.sum.dim_IntList"]), fwd_ops
+    _assert_backward_allocates_no_gradient(bwd, n * v)
     ref = kd_loss_reference(s.detach().double(), t.double(), y, temperature=2.0, alpha=0.3)
     assert_close(loss, ref, 2e-5, 2e-5, "loss")
+    ref_s = s.detach().double().requires_grad_(True)
+    kd_loss_reference(ref_s, t.double(), y, temperature=2.0, alpha=0.3).backward()
+    assert_close(s.grad, ref_s.grad, 2e-5, 2e-5 * ref_s.grad.abs().max().item(), "student grad")
+
+
+# ---- backward: in place when the graph is not retained, a copy when it is --------------------------------------
+
+@pytest.mark.parametrize("teacher_grad", [False, True])
+@pytest.mark.parametrize("upstream", ["ones", "scaled"])
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] != "torch"])
+def test_backward_allocates_no_new_gradient(backend, upstream, teacher_grad):
+    n, v = 64, 300
+    s = make_logits(n, v).requires_grad_(True)
+    t = make_logits(n, v).requires_grad_(teacher_grad)
+    y = make_target(n, v)
+    loss = kd_loss(s, t, y, temperature=2.0, alpha=0.3, backend=backend, teacher_grad=teacher_grad)
+    scale = 1.0 if upstream == "ones" else 0.37
+    _, bwd = _ops_during(lambda: (loss * scale).backward())
+    _assert_backward_allocates_no_gradient(bwd, n * v)
+    s_ref, t_ref = s.detach().double().requires_grad_(True), t.detach().double().requires_grad_(teacher_grad)
+    (kd_loss_reference(s_ref, t_ref, y, temperature=2.0, alpha=0.3, teacher_grad=teacher_grad) * scale).backward()
+    assert_close(s.grad, s_ref.grad, 2e-5, 2e-5 * s_ref.grad.abs().max().item(), "student grad")
+    if teacher_grad:
+        assert_close(t.grad, t_ref.grad, 2e-5, 2e-5 * t_ref.grad.abs().max().item(), "teacher grad")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("students", [None, 3], ids=["single", "K3"])
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.values[0] != "torch"])
+def test_retain_graph_backward_twice(backend, students, reduction):
+    """With retain_graph=True the saved gradients must survive the first backward: twice the same gradient."""
+    n, v = 16, 50
+    s = make_logits(*((students, n, v) if students else (n, v))).requires_grad_(True)
+    t, y = make_logits(n, v).requires_grad_(True), make_target(n, v)
+    loss = kd_loss(s, t, y, temperature=2.0, alpha=0.3, backend=backend, reduction=reduction, teacher_grad=True)
+    upstream = torch.rand(loss.shape, device=DEVICE) + 0.5
+    grads = []
+    for _ in range(2):
+        s.grad, t.grad = None, None
+        loss.backward(upstream, retain_graph=True)
+        grads.append((s.grad.clone(), t.grad.clone()))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+    s.grad, t.grad = None, None
+    loss.backward(upstream)  # the last one may scale in place
+    assert torch.equal(s.grad, grads[0][0]) and torch.equal(t.grad, grads[0][1])
+    with pytest.raises(RuntimeError, match="second time"):
+        loss.backward(upstream)  # freed now, as autograd promises

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from spacedkd_fast import backends
-from spacedkd_fast.loss.args import canonicalize
+from spacedkd_fast.loss.args import canonicalize, check_target_values
 from spacedkd_fast.loss.function import fused_kd_loss
 from spacedkd_fast.loss.reference import kd_loss_rows_reference, reduce_rows
 
@@ -45,6 +45,8 @@ def kd_loss(
             Spaced-KD self-KD code).
         teacher_grad: also give the teacher logits their gradient (mutual learning).
         backend: "auto" (Triton on CUDA, C++ on CPU, else torch), "triton", "cpp" or "torch" (the reference).
+            With "auto", a Triton kernel that fails to compile on this machine falls back to the reference (one
+            log line, once); an explicit "triton" raises instead.
 
     Returns:
         fp32 loss: ``()`` for mean/sum (``(K,)`` with K students); ``(...)`` for none (``(K, ...)``).
@@ -55,11 +57,13 @@ def kd_loss(
     problem = canonicalize(
         student_logits, teacher_logits, target,
         temperature=temperature, alpha=alpha, label_smoothing=label_smoothing,
-        ignore_index=ignore_index, reduction=reduction,
+        ignore_index=ignore_index, reduction=reduction, check_targets=False,
     )
     # float64 anywhere routes "auto" to the reference; otherwise the kernels handle mixed dtypes themselves.
     dtype = torch.float64 if torch.float64 in (student_logits.dtype, teacher_logits.dtype) else student_logits.dtype
     chosen = backends.select_loss_backend(backend, student_logits.device, dtype)
+    if problem.target is not None and chosen != "cpp":  # the C++ kernel checks the labels in its own pass
+        check_target_values(problem.target, problem.vocab, ignore_index)
     if chosen == "torch":
         teacher = problem.teacher_rows() if teacher_grad else problem.teacher_rows().detach()
         rows = kd_loss_rows_reference(
@@ -71,6 +75,7 @@ def kd_loss(
     return fused_kd_loss(
         problem, temperature=temperature, alpha=alpha, label_smoothing=label_smoothing,
         reduction=reduction, t_squared=t_squared, teacher_grad=teacher_grad, backend=chosen,
+        allow_fallback=backend == "auto",
     )
 
 

@@ -45,11 +45,12 @@ def _check_logits(name: str, x) -> None:
         _fail(ValueError, f"{name} must have a vocabulary dimension, shape (..., V); got a 0-dim tensor")
 
 
-def _check_target_values(target: Tensor, vocab: int, ignore_index: int) -> None:
+def check_target_values(target: Tensor, vocab: int, ignore_index: int) -> None:
     """Raise if a label is outside ``[0, V)`` and not ``ignore_index``.
 
-    Free on CPU tensors. On CUDA it costs a host sync, so it runs there only with ``SPACEDKD_CHECK_TARGETS=1``;
-    otherwise the kernels give such rows a NaN loss and NaN gradient (never a silent wrong value).
+    Free on CPU tensors (the C++ kernel does it in its own pass over the labels instead). On CUDA it costs a host
+    sync, so it runs there only with ``SPACEDKD_CHECK_TARGETS=1``; otherwise the kernels give such rows a NaN loss
+    and NaN gradient (never a silent wrong value).
     """
     if torch.compiler.is_compiling():
         return
@@ -170,8 +171,12 @@ def canonicalize(
     label_smoothing,
     ignore_index,
     reduction,
+    check_targets: bool = True,
 ) -> KDProblem:
     """Check every argument of a kd_loss call and return the canonical problem.
+
+    ``check_targets=False`` leaves the label *values* to the caller (:func:`check_target_values`), for backends
+    that check them on their own.
 
     Raises:
         TypeError / ValueError naming the offending argument and what was expected.
@@ -213,7 +218,8 @@ def canonicalize(
         if target.device != teacher_logits.device:
             _fail(ValueError, f"target is on {target.device} but the logits are on {teacher_logits.device}")
         flat_target = target.reshape(-1)
-        _check_target_values(flat_target, t_shape[-1], ignore_index)
+        if check_targets:
+            check_target_values(flat_target, t_shape[-1], ignore_index)
 
     return KDProblem(
         student=student_logits, teacher=teacher_logits, target=flat_target,

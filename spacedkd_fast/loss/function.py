@@ -1,10 +1,22 @@
-"""The fused kd_loss as a ``torch.library`` custom op with autograd.
+"""The fused kd_loss with autograd: an ``autograd.Function`` in eager mode, a ``torch.library`` custom op under
+``torch.compile``.
 
 The forward launches the Triton or C++ kernel, which writes the loss *and* the gradients of the (reduced) loss in
 the same pass over the logits. The backward only multiplies those saved gradients by ``grad_output`` (a scalar
 per student, or one value per row for ``reduction="none"``), so it is exact for any upstream gradient, including
-when the loss is not the last op. Registered as a custom op with a fake implementation, so
-``torch.compile(fullgraph=True)`` traces through it.
+when the loss is not the last op.
+
+Two entry points, one implementation (:func:`_forward`, :func:`_scaled_gradients`):
+
+* eager calls go through :class:`_FusedKDLoss` (``autograd.Function``): a few microseconds of host work, where
+  the custom-op dispatcher costs a couple of hundred, which at the paper's shape (128 × 100) is more than the math;
+* under ``torch.compile`` the same forward runs as the custom op ``spacedkd_fast::kd_loss_fused``, whose fake
+  implementation lets ``fullgraph=True`` trace through it.
+
+The backward scales the saved gradient *in place* (no new allocation, no page faults) when autograd will not need
+it again, i.e. when the graph is not being retained; on CPU a ``grad_output`` of exactly 1 (the usual
+``loss.backward()``) skips the multiply altogether. With ``retain_graph=True`` it allocates, so a second backward
+sees the same saved gradients.
 """
 
 from __future__ import annotations
@@ -12,7 +24,28 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from spacedkd_fast import backends
 from spacedkd_fast.loss.args import KDProblem
+
+_keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+
+
+def _graph_retained() -> bool:
+    """Whether the running backward retains the graph (True when torch cannot tell: then never in place)."""
+    if _keep_graph is None:
+        return True
+    try:
+        return bool(_keep_graph())
+    except RuntimeError:
+        return True
+
+
+def problem_weights(problem: KDProblem, temperature: float, alpha: float, t_squared: bool) -> tuple[float, float]:
+    """``(ce_weight, kd_weight)``: ``(1 − α, α·c)`` with a target, ``(0, c)`` without; c = T² or 1."""
+    kd_scale = temperature * temperature if t_squared else 1.0
+    if problem.target is None:
+        return 0.0, kd_scale
+    return 1.0 - alpha, alpha * kd_scale
 
 
 def _problem(student: Tensor, teacher: Tensor, target: Tensor | None, ignore_index: int) -> KDProblem:
@@ -32,18 +65,11 @@ def _run_cpp(problem: KDProblem, student4, teacher3, temperature, ce_weight, kd_
     from spacedkd_fast import _C
 
     target = problem.target
-    if target is not None:
-        target = target.to(torch.int64).contiguous()
-    # On CPU the number of non-ignored rows costs no sync: count it once, for the gradient scale and the loss.
-    count = 1
-    if reduction == "mean":
-        count = max(problem.num_rows if target is None else int((target != problem.ignore_index).sum()), 1)
-    loss, grad_s, grad_t = _C.kd_loss_forward(
-        student4, teacher3, target, temperature, ce_weight, kd_weight, label_smoothing, problem.ignore_index,
-        1.0 / count, grad_student, grad_teacher)
-    if reduction != "none":
-        loss = loss.sum(dim=1) / count
-    return loss, grad_s, grad_t
+    if target is not None and target.dtype != torch.int64:
+        target = target.to(torch.int64)
+    # The kernel counts the non-ignored rows, reduces the loss and checks the labels itself (free on CPU).
+    return _C.kd_loss_forward(student4, teacher3, target, temperature, ce_weight, kd_weight, label_smoothing,
+                              problem.ignore_index, reduction, grad_student, grad_teacher)
 
 
 def _run_triton(problem: KDProblem, student4, teacher3, temperature, ce_weight, kd_weight, label_smoothing,
@@ -56,6 +82,166 @@ def _run_triton(problem: KDProblem, student4, teacher3, temperature, ce_weight, 
         grad_student=grad_student, grad_teacher=grad_teacher)
 
 
+def _run_reference(problem: KDProblem, temperature, ce_weight, kd_weight, label_smoothing, reduction,
+                   grad_student, grad_teacher):
+    """The kernels' contract computed by the torch reference and autograd: the fallback when Triton fails to
+    compile. Returns ``(loss, grad_student (K, N, V), grad_teacher (K, N, V))`` like the kernels do."""
+    from spacedkd_fast.loss.reference import kd_loss_terms_reference, reduce_rows
+
+    k, n, v = problem.num_students, problem.num_rows, problem.vocab
+    with torch.enable_grad():
+        student = problem.student_rows().detach().requires_grad_(grad_student)
+        teacher = problem.teacher_rows().detach()
+        if grad_teacher:  # one teacher copy per student: the kernels' per-student teacher gradients
+            teacher = teacher.expand(k, n, v).clone().requires_grad_(True)
+        ce, kl = kd_loss_terms_reference(student, teacher, problem.target, temperature=temperature,
+                                         label_smoothing=label_smoothing, ignore_index=problem.ignore_index)
+        rows = kd_weight * kl if ce is None else ce_weight * ce + kd_weight * kl
+        multi = dataclasses_replace_multi(problem)
+        loss = reduce_rows(rows.float(), multi, reduction).reshape(-1 if reduction != "none" else (k, n))
+        inputs = [x for x, wanted in ((student, grad_student), (teacher, grad_teacher)) if wanted]
+        grads = torch.autograd.grad(loss.sum(), inputs) if inputs else ()
+    grads = list(grads)
+    grad_s = grads.pop(0).to(problem.student.dtype) if grad_student else None
+    grad_t = grads.pop(0).to(problem.teacher.dtype) if grad_teacher else None
+    return loss.detach(), grad_s, grad_t
+
+
+def dataclasses_replace_multi(problem: KDProblem) -> KDProblem:
+    """The problem seen as K students (the reduced shape ``(K,)`` even for a single student)."""
+    import dataclasses
+
+    return dataclasses.replace(problem, multi_student=True) if not problem.multi_student else problem
+
+
+def _triton_compile_errors() -> tuple[type[BaseException], ...]:
+    """Exception types Triton raises when a kernel fails to compile (not when it fails to run)."""
+    errors: list[type[BaseException]] = []
+    try:
+        from triton.compiler.errors import CompilationError
+
+        errors.append(CompilationError)
+    except ImportError:  # pragma: no cover - a Triton without it
+        pass
+    try:
+        from triton.runtime import errors as runtime_errors
+
+        errors += [getattr(runtime_errors, name) for name in ("OutOfResources", "PTXASError")
+                   if hasattr(runtime_errors, name)]
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
+
+
+def _run_triton_or_fallback(problem: KDProblem, student4, teacher3, temperature, ce_weight, kd_weight,
+                            label_smoothing, reduction, grad_student, grad_teacher, allow_fallback: bool):
+    """Triton; when the kernel fails to *compile* (a Triton/driver combination the kernel does not support),
+    the torch reference, with one log line, and Triton is not tried again in this process (``backend="auto"``);
+    an explicit ``backend="triton"`` raises instead."""
+    try:
+        return _run_triton(problem, student4, teacher3, temperature, ce_weight, kd_weight, label_smoothing,
+                           reduction, grad_student, grad_teacher)
+    except _triton_compile_errors() as exc:
+        # Triton's messages put the location first and the error last (with source lines between).
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        where_what = lines[0] if len(lines) <= 1 else f"{lines[0]} ... {lines[-1]}"
+        reason = f"{type(exc).__name__}: {where_what}" if lines else type(exc).__name__
+        backends.mark_triton_broken(reason)
+        if not allow_fallback:
+            raise RuntimeError(f"kd_loss: backend='triton' requested but the Triton kernel failed to compile "
+                               f"({reason})") from exc
+        backends.warn_once("triton-compile", f"the Triton kd_loss kernel failed to compile ({reason}); kd_loss "
+                                             f"uses the torch reference from now on")
+        return _run_reference(problem, temperature, ce_weight, kd_weight, label_smoothing, reduction,
+                              grad_student, grad_teacher)
+
+
+def _forward(problem: KDProblem, temperature: float, ce_weight: float, kd_weight: float, label_smoothing: float,
+             reduction: str, grad_student: bool, grad_teacher: bool, backend: str, allow_fallback: bool):
+    """``(loss, grad_student, grad_teacher)``: the loss in its public shape (fp32); the gradient of the reduced
+    loss w.r.t. the student (its shape and dtype) or None; ``(K, *teacher.shape)`` per-student teacher gradients
+    or None."""
+    loss_shape, grad_t_shape = _output_shapes(problem, reduction)
+    student, teacher = problem.student, problem.teacher
+    if problem.num_rows == 0 or problem.num_students == 0:
+        return (torch.zeros(loss_shape, dtype=torch.float32, device=student.device),
+                torch.zeros_like(student) if grad_student else None,
+                teacher.new_zeros(grad_t_shape) if grad_teacher else None)
+    student4, teacher3 = problem.strided_views()
+    if backend == "triton":
+        loss, grad_s, grad_t = _run_triton_or_fallback(problem, student4, teacher3, temperature, ce_weight,
+                                                       kd_weight, label_smoothing, reduction, grad_student,
+                                                       grad_teacher, allow_fallback)
+    else:
+        loss, grad_s, grad_t = _run_cpp(problem, student4, teacher3, temperature, ce_weight, kd_weight,
+                                        label_smoothing, reduction, grad_student, grad_teacher)
+    return (loss.view(loss_shape) if loss.shape != loss_shape else loss,
+            grad_s.view(student.shape) if grad_student else None,
+            grad_t.view(grad_t_shape) if grad_teacher else None)
+
+
+def _scaled_gradients(grad_loss: Tensor, grad_s: Tensor | None, grad_t: Tensor | None, *, reduction: str,
+                      multi: bool, teacher_dim: int, in_place: bool) -> tuple[Tensor | None, Tensor | None]:
+    """The backward: the saved gradients times ``grad_loss`` (the loss's shape: ``(K?,)`` for mean/sum,
+    ``(K?, *lead)`` for none), broadcast over V (and, for a reduced loss, over the rows).
+
+    ``in_place``: the saved gradients are not needed again, so scale them where they are.
+    """
+    # On CPU reading grad_loss is free: loss.backward() seeds it with exactly 1, and then there is nothing to do.
+    unit = in_place and grad_loss.device.type == "cpu" and (
+        grad_loss.item() == 1.0 if grad_loss.numel() == 1 else bool((grad_loss == 1).all()))
+    if unit and grad_t is None:
+        return grad_s, None
+    if reduction == "none":
+        scale = grad_loss.unsqueeze(-1)
+    else:
+        scale = grad_loss.reshape(grad_loss.shape + (1,) * teacher_dim)
+
+    def scaled(saved: Tensor, factor: Tensor) -> Tensor:
+        if unit:
+            return saved
+        return saved.mul_(factor) if in_place else saved * factor
+
+    d_student = scaled(grad_s, scale) if grad_s is not None else None
+    d_teacher = None
+    if grad_t is not None:
+        # grad_t is (K, *teacher.shape): the teacher's gradient sums the K students' contributions.
+        k_scale = scale if multi else scale.unsqueeze(0)
+        if grad_t.shape[0] == 1:
+            d_teacher = scaled(grad_t, k_scale)[0]
+        else:
+            d_teacher = (grad_t.float() * k_scale).sum(dim=0).to(grad_t.dtype)
+    return d_student, d_teacher
+
+
+# ---- eager: autograd.Function --------------------------------------------------------------------------------
+class _FusedKDLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student, teacher, problem, temperature, ce_weight, kd_weight, label_smoothing, reduction,
+                grad_student, grad_teacher, backend, allow_fallback):
+        loss, grad_s, grad_t = _forward(problem, temperature, ce_weight, kd_weight, label_smoothing, reduction,
+                                        grad_student, grad_teacher, backend, allow_fallback)
+        ctx.grads = (grad_s, grad_t)  # plain attributes: not version-checked, freed with the graph
+        ctx.reduction, ctx.multi, ctx.teacher_dim = reduction, problem.multi_student, teacher.dim()
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        if ctx.grads is None:
+            raise RuntimeError("kd_loss: trying to backward through the graph a second time: its saved gradients "
+                               "were scaled in place and freed by the first backward. Specify retain_graph=True "
+                               "if you need to backward through the graph a second time.")
+        grad_s, grad_t = ctx.grads
+        in_place = not _graph_retained()
+        if in_place:
+            ctx.grads = None  # scaled in place below: never usable again, and freed with this call
+        d_student, d_teacher = _scaled_gradients(grad_loss, grad_s, grad_t, reduction=ctx.reduction,
+                                                 multi=ctx.multi, teacher_dim=ctx.teacher_dim, in_place=in_place)
+        return (d_student, d_teacher) + (None,) * 10
+
+
+# ---- torch.compile: custom op --------------------------------------------------------------------------------
 @torch.library.custom_op("spacedkd_fast::kd_loss_fused", mutates_args=())
 def kd_loss_fused(
     student: Tensor,
@@ -70,37 +256,28 @@ def kd_loss_fused(
     grad_student: bool,
     grad_teacher: bool,
     backend: str,
+    allow_fallback: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Loss and saved gradients of one kd_loss call (arguments already checked by ``canonicalize``).
 
     Args:
         student: ``(..., V)`` or ``(K, ..., V)``; teacher ``(..., V)``; target ``(N,)`` flattened labels or None.
-        ce_weight, kd_weight: ``1 − α`` and ``α·T²`` (see :func:`spacedkd_fast.loss.api.kd_loss`).
+        ce_weight, kd_weight: ``1 − α`` and ``α·T²`` (see :func:`problem_weights`).
         backend: "triton" or "cpp".
 
     Returns:
-        ``(loss, grad_student, grad_teacher)``: the loss in its public shape (fp32); the gradient of the reduced
-        loss w.r.t. ``student`` (its shape and dtype; empty when not asked); and ``(K, *teacher.shape)``
-        per-student gradients w.r.t. ``teacher`` (empty when not asked).
+        ``(loss, grad_student, grad_teacher)``, with empty tensors for the gradients not asked for.
     """
-    problem = _problem(student, teacher, target, ignore_index)
-    loss_shape, grad_t_shape = _output_shapes(problem, reduction)
-    if problem.num_rows == 0 or problem.num_students == 0:
-        return (torch.zeros(loss_shape, dtype=torch.float32, device=student.device),
-                torch.zeros_like(student) if grad_student else student.new_empty(0),
-                teacher.new_zeros(grad_t_shape) if grad_teacher else teacher.new_empty(0))
-    student4, teacher3 = problem.strided_views()
-    run = _run_triton if backend == "triton" else _run_cpp
-    loss, grad_s, grad_t = run(problem, student4, teacher3, temperature, ce_weight, kd_weight, label_smoothing,
-                               reduction, grad_student, grad_teacher)
-    return (loss.reshape(loss_shape),
-            grad_s.view(student.shape) if grad_student else student.new_empty(0),
-            grad_t.view(grad_t_shape) if grad_teacher else teacher.new_empty(0))
+    loss, grad_s, grad_t = _forward(_problem(student, teacher, target, ignore_index), temperature, ce_weight,
+                                    kd_weight, label_smoothing, reduction, grad_student, grad_teacher, backend,
+                                    allow_fallback)
+    return (loss, grad_s if grad_s is not None else student.new_empty(0),
+            grad_t if grad_t is not None else teacher.new_empty(0))
 
 
 @kd_loss_fused.register_fake
 def _(student, teacher, target, temperature, ce_weight, kd_weight, label_smoothing, ignore_index, reduction,
-      grad_student, grad_teacher, backend):
+      grad_student, grad_teacher, backend, allow_fallback):
     problem = _problem(student, teacher, target, ignore_index)
     loss_shape, grad_t_shape = _output_shapes(problem, reduction)
     return (student.new_empty(loss_shape, dtype=torch.float32),
@@ -121,46 +298,43 @@ def _setup_context(ctx, inputs, output):
     ctx.has_grad_t = inputs[10]
 
 
-def _backward(ctx, grad_loss, _grad_s_unused, _grad_t_unused):
+def _compiled_backward(ctx, grad_loss, _grad_s_unused, _grad_t_unused):
     grad_s, grad_t = ctx.saved_tensors
     if grad_loss is None:  # only the non-differentiable outputs were used
-        return (None,) * 12
-    # grad_loss has the loss's shape: (K?,) for mean/sum, (K?, *lead) for none. Broadcast it over V (and, for a
-    # reduced loss, over the rows): one multiply, whatever grad_loss holds.
-    if ctx.reduction == "none":
-        scale = grad_loss.unsqueeze(-1)
-    else:
-        scale = grad_loss.reshape(grad_loss.shape + (1,) * ctx.teacher_dim)
-    d_student = grad_s * scale if ctx.has_grad_s else None
-    d_teacher = None
-    if ctx.has_grad_t:
-        # grad_t is (K, *teacher.shape): the teacher's gradient sums the K students' contributions.
-        k_scale = scale if ctx.multi else scale.unsqueeze(0)
-        if grad_t.shape[0] == 1:
-            d_teacher = (grad_t * k_scale)[0]
-        else:
-            d_teacher = (grad_t.float() * k_scale).sum(dim=0).to(grad_t.dtype)
-    return d_student, d_teacher, None, None, None, None, None, None, None, None, None, None
+        return (None,) * 13
+    # Traced graphs never scale in place (the compiler owns the buffers).
+    d_student, d_teacher = _scaled_gradients(grad_loss, grad_s if ctx.has_grad_s else None,
+                                             grad_t if ctx.has_grad_t else None, reduction=ctx.reduction,
+                                             multi=ctx.multi, teacher_dim=ctx.teacher_dim, in_place=False)
+    return (d_student, d_teacher) + (None,) * 11
 
 
-torch.library.register_autograd("spacedkd_fast::kd_loss_fused", _backward, setup_context=_setup_context)
+torch.library.register_autograd("spacedkd_fast::kd_loss_fused", _compiled_backward, setup_context=_setup_context)
 
 
 def fused_kd_loss(problem: KDProblem, *, temperature: float, alpha: float, label_smoothing: float,
-                  reduction: str, t_squared: bool, teacher_grad: bool, backend: str) -> Tensor:
-    """Run a checked problem through the custom op (Triton or C++ backend)."""
-    kd_scale = temperature * temperature if t_squared else 1.0
-    has_target = problem.target is not None
-    ce_weight = 1.0 - alpha if has_target else 0.0
-    kd_weight = alpha * kd_scale if has_target else kd_scale
+                  reduction: str, t_squared: bool, teacher_grad: bool, backend: str,
+                  allow_fallback: bool = False) -> Tensor:
+    """Run a checked problem through the Triton or C++ backend, with autograd."""
+    ce_weight, kd_weight = problem_weights(problem, temperature, alpha, t_squared)
     grad_enabled = torch.is_grad_enabled()
     grad_student = grad_enabled and problem.student.requires_grad
     grad_teacher = grad_enabled and teacher_grad and problem.teacher.requires_grad
     teacher = problem.teacher if grad_teacher else problem.teacher.detach()
-    loss, _, _ = kd_loss_fused(
-        problem.student, teacher, problem.target, float(temperature), float(ce_weight), float(kd_weight),
-        float(label_smoothing), int(problem.ignore_index), reduction, grad_student, grad_teacher, backend)
-    return loss
+    if torch.compiler.is_compiling():
+        loss, _, _ = kd_loss_fused(
+            problem.student, teacher, problem.target, float(temperature), float(ce_weight), float(kd_weight),
+            float(label_smoothing), int(problem.ignore_index), reduction, grad_student, grad_teacher, backend,
+            allow_fallback)
+        return loss
+    if not (grad_student or grad_teacher):  # inference: no graph to build
+        return _forward(problem, temperature, ce_weight, kd_weight, label_smoothing, reduction, False, False,
+                        backend, allow_fallback)[0]
+    if teacher is not problem.teacher:
+        problem = _problem(problem.student, teacher, problem.target, problem.ignore_index)
+    return _FusedKDLoss.apply(problem.student, teacher, problem, float(temperature), float(ce_weight),
+                              float(kd_weight), float(label_smoothing), reduction, grad_student, grad_teacher,
+                              backend, allow_fallback)
 
 
-__all__ = ["kd_loss_fused", "fused_kd_loss"]
+__all__ = ["kd_loss_fused", "fused_kd_loss", "problem_weights"]

@@ -28,7 +28,51 @@ from torch import Tensor
 
 from spacedkd_fast.loss.args import KDProblem, canonicalize
 
-__all__ = ["kd_loss_reference", "kd_loss_rows_reference", "reduce_rows"]
+__all__ = ["kd_loss_reference", "kd_loss_rows_reference", "kd_loss_terms_reference", "reduce_rows"]
+
+
+def kd_loss_terms_reference(
+    student: Tensor,
+    teacher: Tensor,
+    target: Tensor | None,
+    *,
+    temperature: float,
+    label_smoothing: float,
+    ignore_index: int,
+) -> tuple[Tensor | None, Tensor]:
+    """The two terms of every row: ``(CE_ε(s, y), KL(softmax(t/T) ‖ softmax(s/T)))``, unweighted.
+
+    Args:
+        student: ``(K, N, V)`` logits of K students (K = 1 for the ordinary case); any float dtype.
+        teacher: ``(N, V)`` logits shared by the K students (or ``(K, N, V)``, one copy per student).
+        target: ``(N,)`` integer labels, or None (then CE is None and no row is ignored).
+
+    Returns:
+        ``(ce, kl)``, each ``(K, N)``, float64 for float64 inputs and float32 otherwise; ignored rows are 0.
+    """
+    compute_dtype = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
+    s = student.to(compute_dtype)
+    t = teacher.to(compute_dtype)
+    zero = torch.zeros((), dtype=compute_dtype, device=s.device)
+    if target is not None:
+        valid = target != ignore_index  # (N,)
+        # Zero the ignored rows first so that a NaN there cannot leak into the gradient through 0 · NaN.
+        s = torch.where(valid[:, None], s, zero)
+        t = torch.where(valid[:, None], t, zero)
+
+    log_q = F.log_softmax(s / temperature, dim=-1)  # (K, N, V) student at temperature T
+    log_p = F.log_softmax(t / temperature, dim=-1)  # (N, V)    teacher at temperature T
+    p = log_p.exp()
+    kl = torch.where(p == 0, zero, p * (log_p - log_q)).sum(dim=-1)  # (K, N)
+    if target is None:
+        return None, kl
+
+    log_s = F.log_softmax(s, dim=-1)  # (K, N, V) student at T = 1
+    safe_target = torch.where(valid, target, torch.zeros_like(target)).long()
+    nll = -log_s.gather(-1, safe_target.expand(log_s.shape[:-1]).unsqueeze(-1)).squeeze(-1)  # lse(s) − s_y
+    smooth = -log_s.mean(dim=-1)  # lse(s) − mean(s)
+    ce = (1.0 - label_smoothing) * nll + label_smoothing * smooth
+    return torch.where(valid, ce, zero), torch.where(valid, kl, zero)
 
 
 def kd_loss_rows_reference(
@@ -54,32 +98,12 @@ def kd_loss_rows_reference(
         ``(K, N)`` losses in float64 for float64 inputs, float32 otherwise. Gradients flow to ``student`` and,
         unless the caller detached it, to ``teacher``.
     """
-    compute_dtype = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
-    s = student.to(compute_dtype)
-    t = teacher.to(compute_dtype)
-    if target is not None:
-        valid = target != ignore_index  # (N,)
-        # Zero the ignored rows first so that a NaN there cannot leak into the gradient through 0 · NaN.
-        s = torch.where(valid[:, None], s, torch.zeros((), dtype=compute_dtype, device=s.device))
-        t = torch.where(valid[:, None], t, torch.zeros((), dtype=compute_dtype, device=t.device))
-
-    log_q = F.log_softmax(s / temperature, dim=-1)  # (K, N, V) student at temperature T
-    log_p = F.log_softmax(t / temperature, dim=-1)  # (N, V)    teacher at temperature T
-    p = log_p.exp()
-    kl_terms = torch.where(p == 0, torch.zeros((), dtype=compute_dtype, device=p.device), p * (log_p - log_q))
-    kl = kl_terms.sum(dim=-1)  # (K, N)
+    ce, kl = kd_loss_terms_reference(student, teacher, target, temperature=temperature,
+                                     label_smoothing=label_smoothing, ignore_index=ignore_index)
     kd_scale = temperature * temperature if t_squared else 1.0
-
-    if target is None:
+    if ce is None:
         return kd_scale * kl
-
-    log_s = F.log_softmax(s, dim=-1)  # (K, N, V) student at T = 1
-    safe_target = torch.where(valid, target, torch.zeros_like(target)).long()
-    nll = -log_s.gather(-1, safe_target.expand(log_s.shape[:-1]).unsqueeze(-1)).squeeze(-1)  # lse(s) − s_y
-    smooth = -log_s.mean(dim=-1)  # lse(s) − mean(s)
-    ce = (1.0 - label_smoothing) * nll + label_smoothing * smooth
-    loss = (1.0 - alpha) * ce + alpha * kd_scale * kl
-    return torch.where(valid, loss, torch.zeros((), dtype=loss.dtype, device=loss.device))
+    return (1.0 - alpha) * ce + alpha * kd_scale * kl
 
 
 def reduce_rows(rows: Tensor, problem: KDProblem, reduction: str) -> Tensor:
