@@ -314,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load_checkpoint(argument: str) -> tuple[Path, dict]:
     from spacedkd_fast.engine.outputs import CHECKPOINT
-    from spacedkd_fast.engine.trainer import CHECKPOINT_FORMAT
+    from spacedkd_fast.engine.trainer import READABLE_FORMATS
 
     path = Path(argument)
     if path.is_dir():
@@ -333,9 +333,9 @@ def _load_checkpoint(argument: str) -> tuple[Path, dict]:
             or not isinstance(state["config"], dict) or not isinstance(state["roles"], dict) \
             or not all(isinstance(r, dict) and "model" in r for r in state["roles"].values()):
         raise ValueError(f"{not_ours} (no format/config/roles entries; expected a training run's last.pt)")
-    if state["format"] != CHECKPOINT_FORMAT:
+    if state["format"] not in READABLE_FORMATS:
         raise ValueError(f"--checkpoint {argument}: checkpoint format {state['format']!r}, this version reads "
-                         f"{CHECKPOINT_FORMAT}")
+                         f"{', '.join(map(str, READABLE_FORMATS))}")
     return path, state
 
 

@@ -326,6 +326,29 @@ def test_epoch_batches_equal_train_batch(device, jpeg_folder):
 
 
 @needs_dali
+def test_eval_batches_leave_the_training_pipeline_alone(jpeg_folder):
+    """An evaluation batch larger than max_batch grows the evaluation pipeline only: training batches (and the
+    regenerated replays of them) keep their padded size and their bytes."""
+    from spacedkd_fast.data.dali import DaliFileRenderer
+
+    spec = ResizedCropSpec(size=16)
+    params = sample_crop_params(spec, 3, torch.Generator().manual_seed(3))
+    r = DaliFileRenderer(spec, torch.device("cpu"), max_batch=4, pad_batches=True)
+    before = r.train_batch(jpeg_folder[:3], params)
+    train_pipe = r._pipes["train"]
+    assert r.eval_batch(jpeg_folder).shape == (10, 3, 16, 16)
+    assert (r.batch_size("eval"), r.batch_size("train")) == (10, 4)
+    assert r._pipes["train"] is train_pipe, "the training pipeline was rebuilt"
+    fed = []
+    real_run = r._run
+    monkey = lambda kind, files, inputs: fed.append((kind, len(files))) or real_run(kind, files, inputs)  # noqa: E731
+    r._run = monkey
+    after = r.train_batch(jpeg_folder[:3], params)
+    assert fed == [("train", 4)], fed  # padded to the training size, not to the evaluation's 10
+    assert torch.equal(before, after)
+
+
+@needs_dali
 def test_epoch_batches_errors(jpeg_folder):
     from spacedkd_fast.data.dali import DaliFileRenderer
 

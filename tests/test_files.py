@@ -485,3 +485,26 @@ def test_torch_renderer_threads_and_arguments(pngs):
         TorchFileRenderer(spec, torch.device("cpu"), num_threads=0)
     with pytest.raises(TypeError, match="spec must be a ResizedCropSpec"):
         TorchFileRenderer(None, torch.device("cpu"))
+
+
+def test_torch_renderer_resizes_on_its_pool(pngs, monkeypatch):
+    """Cropping and resizing run one image per pool thread (not serially on the calling thread)."""
+    import threading
+
+    files, _ = pngs
+    spec = ResizedCropSpec(size=10)
+    params = sample_crop_params(spec, len(files), torch.Generator().manual_seed(2))
+    r = TorchFileRenderer(spec, torch.device("cpu"), num_threads=3)
+    threads = []
+    real = TorchFileRenderer._resize
+
+    def recording(self, hwc, height, width):
+        threads.append(threading.current_thread().name)
+        return real(self, hwc, height, width)
+
+    with r:
+        expected = r.train_batch(files, params)
+        monkeypatch.setattr(TorchFileRenderer, "_resize", recording)
+        assert torch.equal(r.train_batch(files, params), expected)
+        r.eval_batch(files)
+    assert len(threads) == 2 * len(files) and all(name.startswith("spacedkd-render") for name in threads), threads

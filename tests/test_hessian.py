@@ -231,7 +231,7 @@ def run(tmp_path_factory):
                       out=str(folder), progress=False, threads=1)
     trainer = Trainer(cfg, log=lambda *a: None)
     trainer.fit()
-    weights = {k: v.clone() for k, v in unwrap(trainer.student.model).state_dict().items()}
+    weights = {k: v.clone() for k, v in trainer.student.net.state_dict().items()}
     return folder, weights
 
 

@@ -384,8 +384,9 @@ class DaliFileRenderer:
     Args:
         spec: the training crop; ``spec.size`` is S for training and evaluation.
         device: CUDA (GPU graph, ``"mixed"`` decoding) or CPU (the CPU twin).
-        max_batch: DALI's ``batch_size`` for :meth:`train_batch` / :meth:`eval_batch`; a larger batch rebuilds the
-            pipeline at that size.
+        max_batch: DALI's ``batch_size`` for :meth:`train_batch` and (at first) :meth:`eval_batch`. Each has a
+            pipeline of its own: a larger evaluation batch rebuilds only the evaluation pipeline at that size, so
+            training (and regenerated) batches keep their size and composition.
         num_threads: DALI CPU threads, also the file-reading threads (default: all cores).
         prefetch: ``prefetch_queue_depth`` of the :meth:`epoch_batches` pipeline (the two others run one batch
             per call).
@@ -417,6 +418,7 @@ class DaliFileRenderer:
         self.hw_decoder_load = float(hw_decoder_load)
         self.pad_batches = self.device.type == "cuda" if pad_batches is None else bool(pad_batches)
         self._pipes: dict[str, object] = {}
+        self._batch_sizes = {"train": self.max_batch, "eval": self.max_batch}  # DALI batch_size of each pipeline
         self._pool = LazyThreadPool(self.num_threads, "spacedkd-dali-read")
         self._keepalive = None
         self._lock = threading.Lock()  # one feed + run + copy at a time (see DaliArrayAugmenter)
@@ -465,15 +467,19 @@ class DaliFileRenderer:
         image = fn.slice(image, start=start, shape=[size, size], axes=[0, 1])
         return fn.transpose(image, perm=[2, 0, 1], output_layout="CHW")
 
+    def batch_size(self, kind: str) -> int:
+        """DALI's batch size of the ``"train"`` or ``"eval"`` pipeline."""
+        return self._batch_sizes[kind]
+
     def _pipeline(self, kind: str, batch: int):
-        if batch > self.max_batch:
-            self._pipes.clear()
-            self.max_batch = batch
+        if batch > self._batch_sizes[kind]:
+            self._pipes.pop(kind, None)  # only this kind's pipeline grows; the other keeps its batch size
+            self._batch_sizes[kind] = batch
         pipe = self._pipes.get(kind)
         if pipe is None:
             d = self._d
 
-            @self._pipeline_def(self.max_batch, 1)
+            @self._pipeline_def(self._batch_sizes[kind], 1)
             def graph():
                 if kind == "train":
                     return self._train_graph(*self._train_inputs())
@@ -517,10 +523,10 @@ class DaliFileRenderer:
         """
         files = check_files(files, "DaliFileRenderer.train_batch")
         check_crop_params(params, len(files), "DaliFileRenderer.train_batch")
-        batch = len(files)
-        if self.pad_batches and 0 < batch < self.max_batch:
-            files = files + [files[-1]] * (self.max_batch - batch)
-            return self._run("train", files, _crop_inputs(params.pad_with_last(self.max_batch)))[:batch]
+        batch, size = len(files), self._batch_sizes["train"]
+        if self.pad_batches and 0 < batch < size:
+            files = files + [files[-1]] * (size - batch)
+            return self._run("train", files, _crop_inputs(params.pad_with_last(size)))[:batch]
         return self._run("train", files, _crop_inputs(params))
 
     def eval_batch(self, files: Sequence[str]) -> Tensor:

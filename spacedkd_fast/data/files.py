@@ -387,7 +387,8 @@ def decode_rgb(path: str) -> np.ndarray:
 
 
 class TorchFileRenderer:
-    """Renders file batches with PIL (decoding, in a thread pool) and torch (crop, resize, flip) on the CPU.
+    """Renders file batches with PIL (decoding) and torch (crop, resize, flip) on the CPU, one image per thread of
+    a pool, into a pinned buffer copied to a GPU asynchronously.
 
     The fallback when DALI is missing, and the reference the DALI renderer is compared with. Everything is
     computed on the CPU and the finished batch is copied to ``device``, so the bytes do not depend on the device.
@@ -444,15 +445,19 @@ class TorchFileRenderer:
         """
         files = check_files(files, "TorchFileRenderer.train_batch")
         check_crop_params(params, len(files), "TorchFileRenderer.train_batch")
-        out = torch.empty((len(files), 3, self.size, self.size), dtype=torch.uint8)
+        out = self._host_batch(len(files))
         images = self._decode_all(files)
-        boxes = crop_boxes(params, [a.shape[0] for a in images], [a.shape[1] for a in images])
-        for i, (img, (top, left, bottom, right)) in enumerate(zip(images, boxes.tolist())):
-            out[i] = self._resize(img[top:bottom, left:right], self.size, self.size)
+        boxes = crop_boxes(params, [a.shape[0] for a in images], [a.shape[1] for a in images]).tolist()
+
+        def crop_resize(i: int) -> None:
+            top, left, bottom, right = boxes[i]
+            out[i] = self._resize(images[i][top:bottom, left:right], self.size, self.size)
+
+        self._pool.map(crop_resize, range(len(files)))  # torch's resize releases the GIL: one image per thread
         flip = params.flip
         if bool(flip.any()):
             out[flip] = out[flip].flip(-1)
-        return out.to(self.device)
+        return self._to_device(out)
 
     def eval_batch(self, files: Sequence[str]) -> Tensor:
         """Decode ``files``, resize the shorter side to S and keep the centre S×S (:func:`eval_geometry`).
@@ -461,8 +466,22 @@ class TorchFileRenderer:
             ``uint8 (b, 3, S, S)`` on the renderer's device.
         """
         files = check_files(files, "TorchFileRenderer.eval_batch")
-        out = torch.empty((len(files), 3, self.size, self.size), dtype=torch.uint8)
-        for i, img in enumerate(self._decode_all(files)):
-            new_h, new_w, top, left = eval_geometry(img.shape[0], img.shape[1], self.size)
-            out[i] = self._resize(img, new_h, new_w)[:, top:top + self.size, left:left + self.size]
-        return out.to(self.device)
+        out = self._host_batch(len(files))
+        images = self._decode_all(files)
+
+        def resize_crop(i: int) -> None:
+            new_h, new_w, top, left = eval_geometry(images[i].shape[0], images[i].shape[1], self.size)
+            out[i] = self._resize(images[i], new_h, new_w)[:, top:top + self.size, left:left + self.size]
+
+        self._pool.map(resize_crop, range(len(files)))
+        return self._to_device(out)
+
+    def _host_batch(self, batch: int) -> Tensor:
+        """The host buffer a batch is assembled in: pinned when it goes to a GPU, so the copy is asynchronous."""
+        return torch.empty((batch, 3, self.size, self.size), dtype=torch.uint8,
+                           pin_memory=self.device.type == "cuda")
+
+    def _to_device(self, batch: Tensor) -> Tensor:
+        # Asynchronous on the current stream (the prefetch thread's own, when it renders); the pinned buffer stays
+        # reserved until the copy is done (torch's host allocator records the stream).
+        return batch.to(self.device, non_blocking=True) if self.device.type == "cuda" else batch

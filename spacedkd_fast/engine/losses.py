@@ -40,11 +40,16 @@ class Projector(nn.Module):
 
 
 class SelfKDAdapters(nn.Module):
-    """Linear adapters ``D → D`` for the feature term of the BYOT exits that have one."""
+    """Linear adapters ``D → D`` for the feature term of the BYOT exits that have one: the shallowest
+    ``num_adapters`` exits. ``forward(features (E, B, D)) -> (num_adapters, B, D)``."""
 
     def __init__(self, feature_dim: int, num_adapters: int) -> None:
         super().__init__()
         self.adapters = nn.ModuleList(nn.Linear(feature_dim, feature_dim) for _ in range(num_adapters))
+
+    def forward(self, features: Tensor) -> Tensor:
+        shallowest = features[-len(self.adapters):]
+        return torch.stack([adapter(feature) for adapter, feature in zip(self.adapters, shallowest)])
 
 
 def feature_distance(projected: Tensor, target: Tensor) -> Tensor:
@@ -60,12 +65,12 @@ def paper_soft_loss(student_logits: Tensor, teacher_logits: Tensor, temperature:
 
 
 def online_student_loss(cfg: TrainConfig, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor,
-                        student_features: Tensor | None = None, teacher_features: Tensor | None = None,
-                        projector: Projector | None = None) -> Tensor:
+                        projected: Tensor | None = None, teacher_features: Tensor | None = None) -> Tensor:
     """The online/offline student's objective (fp32 scalar). Teacher tensors must already be detached.
 
     ``student_logits`` is ``(B, C)``, or ``(2, B, C)`` for a distilled ViT in training mode (class head, distillation
-    head)."""
+    head). ``projected``: the projector's output on the student features, ``(B, D_teacher)`` (the feature term
+    needs it and ``teacher_features``)."""
     if student_logits.dim() == teacher_logits.dim() + 1:  # distilled ViT: DeiT's two-head objective
         class_head, dist_head = student_logits[0], student_logits[1]
         kl = kd_loss(dist_head, teacher_logits, None, temperature=cfg.temperature)
@@ -79,23 +84,23 @@ def online_student_loss(cfg: TrainConfig, student_logits: Tensor, teacher_logits
     else:
         loss = kd_loss(student_logits, teacher_logits, labels, temperature=cfg.temperature, alpha=cfg.alpha,
                        label_smoothing=cfg.label_smoothing)
-    if cfg.beta > 0 and projector is not None:
-        loss = loss + cfg.beta * feature_distance(projector(student_features.float()), teacher_features)
+    if cfg.beta > 0 and projected is not None:
+        loss = loss + cfg.beta * feature_distance(projected, teacher_features)
     return loss
 
 
 def self_kd_loss(cfg: TrainConfig, logits: Tensor, labels: Tensor, features: Tensor | None = None,
-                 adapters: SelfKDAdapters | None = None) -> Tensor:
-    """BYOT loss of one replayed batch. ``logits (E, B, C)`` deepest exit first; ``features (E, B, D)``."""
+                 projected: Tensor | None = None) -> Tensor:
+    """BYOT loss of one replayed batch. ``logits (E, B, C)`` deepest exit first; ``features (E, B, D)``;
+    ``projected (A, B, D)``: the adapters' outputs on the A shallowest exits' features."""
     deepest = logits[0]
     loss = F.cross_entropy(deepest.float(), labels)
     exits = logits[1:]
     per_exit = kd_loss(exits, deepest.detach(), labels, temperature=cfg.temperature, alpha=cfg.self_kd_weight,
                        t_squared=False, label_smoothing=cfg.label_smoothing)  # (E-1,)
     loss = loss + per_exit.sum()
-    if cfg.beta > 0 and adapters is not None and features is not None:
+    if cfg.beta > 0 and projected is not None and features is not None:
         target = features[0].detach()
-        shallowest = features[-len(adapters.adapters):]
-        for adapter, feature in zip(adapters.adapters, shallowest):
-            loss = loss + cfg.beta * feature_distance(adapter(feature.float()), target)
+        for adapted in projected:
+            loss = loss + cfg.beta * feature_distance(adapted, target)
     return loss

@@ -59,24 +59,37 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 @dataclass
 class Role:
-    """A trained network with its optimizer, stream, random stream and running loss."""
+    """A trained network with its optimizer, stream, random stream and running loss.
+
+    ``model`` is a :class:`TrainedModule` (the network and its feature head), possibly wrapped by DDP and/or
+    torch.compile; :attr:`net` and :attr:`head` are the plain modules under the wrappers.
+    """
 
     name: str
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    extra: nn.Module | None = None  # projector / adapters, trained by the same optimizer
     stream: torch.cuda.Stream | None = None
     steps: int = 0
     loss_sum: Tensor | None = None  # on device: no host sync per step
     loss_count: int = 0
     last_lr: float = 0.0
     rng_state: dict | None = None  # this role's CPU/CUDA generator states (see ``context``)
+    device: torch.device | None = None  # the CUDA device whose generator ``context`` swaps
+
+    @property
+    def net(self) -> FeatureForward:
+        return unwrap(self.model).net
+
+    @property
+    def head(self) -> nn.Module | None:
+        return unwrap(self.model).head
 
     def seed_rng(self, seed: int, device: torch.device) -> None:
         """Give the role a random stream of its own (dropout, DropPath), seeded from ``seed``."""
         state = {"cpu": torch.Generator().manual_seed(seed).get_state()}
         if device.type == "cuda":
             state["cuda"] = torch.Generator(device=device).manual_seed(seed).get_state()
+            self.device = device
         self.rng_state = state
 
     @contextlib.contextmanager
@@ -92,19 +105,21 @@ class Role:
                 yield
             return
         cuda = "cuda" in self.rng_state
+        device = self.device  # explicit: the current device need not be the training device
         saved_cpu = torch.get_rng_state()
-        saved_cuda = torch.cuda.get_rng_state() if cuda else None
+        saved_cuda = torch.cuda.get_rng_state(device) if cuda else None
         torch.set_rng_state(self.rng_state["cpu"])
         if cuda:
-            torch.cuda.set_rng_state(self.rng_state["cuda"])
+            torch.cuda.set_rng_state(self.rng_state["cuda"], device)
         try:
             with stream:
                 yield
         finally:
-            self.rng_state = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if cuda else {})}
+            self.rng_state = {"cpu": torch.get_rng_state(),
+                              **({"cuda": torch.cuda.get_rng_state(device)} if cuda else {})}
             torch.set_rng_state(saved_cpu)
             if cuda:
-                torch.cuda.set_rng_state(saved_cuda)
+                torch.cuda.set_rng_state(saved_cuda, device)
 
     def record_loss(self, loss: Tensor) -> None:
         value = loss.detach().float()
@@ -143,6 +158,32 @@ class FeatureForward(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self.inner.forward_features(x)
+
+
+class TrainedModule(nn.Module):
+    """Everything one optimizer trains: the network and the head that maps its features for the feature term
+    (the online student's projector, self mode's adapters). DDP wraps this whole module, so the head's gradients
+    are all-reduced with the network's, and it is called as one::
+
+        logits, features, projected = module(x)                    # projected = head(features), or None
+        logits, features, _ = module(x, with_head=False)           # steps without the feature term
+
+    The head runs in fp32 outside autocast. Skipping it where the loss does not use it keeps its parameters out
+    of the graph, which is how DDP (``find_unused_parameters``) tells they get no gradient in that step.
+    """
+
+    def __init__(self, net: FeatureForward, head: nn.Module | None = None) -> None:
+        super().__init__()
+        self.net = net
+        self.head = head
+
+    def forward(self, x: Tensor, with_head: bool = True) -> tuple[Tensor, Tensor, Tensor | None]:
+        logits, features = self.net(x)
+        projected = None
+        if with_head and self.head is not None:
+            with torch.autocast(x.device.type, enabled=False):
+                projected = self.head(features.float())
+        return logits, features, projected
 
 
 # ---- snapshots ---------------------------------------------------------------------------------------------------
@@ -229,7 +270,7 @@ def ce_step(cfg: TrainConfig, role: Role, x: Tensor, y: Tensor, lr: float, *, ke
     """One CE step on fresh data (teacher; base network; self mode's deepest exit). Returns the pre-update
     ``(logits, features)``, detached, when ``keep_outputs`` (the s = 0 student learns from them)."""
     with autocast(cfg, x.device):
-        logits, features = role.model(x)
+        logits, features, _ = role.model(x, with_head=False)
     loss = F.cross_entropy((logits[0] if multi_exit else logits).float(), y)
     kept = (logits.detach(), features.detach()) if keep_outputs else None
     role.optimizer_step(loss, lr)
@@ -240,8 +281,8 @@ def distill_step(cfg: TrainConfig, role: Role, x: Tensor, y: Tensor, lr: float, 
                  teacher_features: Tensor) -> None:
     """One online/offline student step against given (detached) teacher outputs."""
     with autocast(cfg, x.device):
-        logits, features = role.model(x)
-    loss = online_student_loss(cfg, logits, teacher_logits, y, features, teacher_features, role.extra)
+        logits, _, projected = role.model(x, with_head=cfg.beta > 0)
+    loss = online_student_loss(cfg, logits, teacher_logits, y, projected, teacher_features)
     role.optimizer_step(loss, lr)
 
 
@@ -255,19 +296,22 @@ def replay_step(cfg: TrainConfig, role: Role, snapshot: nn.Module, x: Tensor, y:
 def self_replay_step(cfg: TrainConfig, role: Role, x: Tensor, y: Tensor, lr: float) -> None:
     """One BYOT step of the live multi-exit network (self mode's replay, and its s = 0 step)."""
     with autocast(cfg, x.device):
-        logits, features = role.model(x)
-    loss = self_kd_loss(cfg, logits, y, features, role.extra)
+        logits, features, projected = role.model(x, with_head=cfg.beta > 0)
+    loss = self_kd_loss(cfg, logits, y, features, projected)
     role.optimizer_step(loss, lr)
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches, normalize, device: torch.device, multi_exit: bool) -> Tensor:
     """Correct predictions over ``batches`` of (uint8 images, labels): a device tensor of counts
-    ``[exit_0, ..., exit_{E-1}, ensemble, total]`` (``[correct, total]`` for a single-exit model)."""
+    ``[exit_0, ..., exit_{E-1}, ensemble, total]`` (``[correct, total]`` for a single-exit model).
+
+    ``model`` maps images to ``(logits, features)`` (a :class:`FeatureForward`). Nothing is read back to the host
+    per batch: the totals are counted on the host from the batch sizes."""
     model = unwrap(model)
     was_training = model.training
     model.eval()
-    counts = None
+    counts, total = None, 0
     for images, labels in batches:
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
@@ -275,9 +319,10 @@ def evaluate(model: nn.Module, batches, normalize, device: torch.device, multi_e
         if multi_exit:
             per_exit = (logits.argmax(-1) == labels).sum(-1)  # (E,)
             ensemble = (logits.float().softmax(-1).mean(0).argmax(-1) == labels).sum()[None]
-            batch_counts = torch.cat([per_exit, ensemble, labels.new_tensor([labels.numel()])])
+            batch_counts = torch.cat([per_exit, ensemble])
         else:
-            batch_counts = torch.stack([(logits.argmax(-1) == labels).sum(), labels.new_tensor(labels.numel())])
+            batch_counts = (logits.argmax(-1) == labels).sum()[None]
         counts = batch_counts if counts is None else counts + batch_counts
+        total += labels.shape[0]
     model.train(was_training)
-    return counts
+    return torch.cat([counts, torch.full((1,), total, dtype=counts.dtype, device=counts.device)])

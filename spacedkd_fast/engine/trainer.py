@@ -40,13 +40,16 @@ from spacedkd_fast.data.pipeline import derive_seed, make_source, select_data_ba
 from spacedkd_fast.data.producer import Prefetcher
 from spacedkd_fast.data.window import TierPlan, WindowCache
 from spacedkd_fast.engine import roles as R
-from spacedkd_fast.engine.distributed import DistInfo, all_reduce_sum, init_distributed
+from spacedkd_fast.engine.distributed import DistInfo, all_reduce_sum, any_rank, barrier, init_distributed
 from spacedkd_fast.engine.losses import Projector, SelfKDAdapters
-from spacedkd_fast.engine.outputs import CHECKPOINT, RunOutputs, summary_table
+from spacedkd_fast.engine.outputs import CHECKPOINT, RunOutputs, atomic_save, summary_table
 from spacedkd_fast.models import build_model, is_distilled, is_multi_exit
 from spacedkd_fast.schedule import Block, SpacingSchedule
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: per-rank state (window, random streams) beside the shared one; 1 is read too
+READABLE_FORMATS = (1, 2)  # the weights and config sit in the same places in both
+RANK_FOLDER = "ranks"  # <run>/ranks/rank<r>-<checkpoint id>.pt: the per-rank state of ranks 1.. under DDP
+STOP_CHECK_EVERY = 8  # DDP: optimizer steps between the ranks' agreements on a stop request (a gloo all-reduce)
 OVERLAP_SLACK = 16  # window slots beyond one block, so the overlapped teacher may run a little ahead
 
 
@@ -86,18 +89,40 @@ class Summary:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` → cuda when available, else cpu; validates explicit names."""
+    """``auto`` → cuda when available, else cpu; validates explicit names. A CUDA device always comes back with
+    its index (``cuda`` → the current device), which streams, threads and generators need."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError as exc:
         raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from exc
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine (use cpu or auto)")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available on this machine (use cpu or auto)")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        elif device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
+
+
+def bind_device(device: torch.device) -> None:
+    """Make ``device`` the current CUDA device of this process: Triton launches, ``torch.cuda.*`` calls without a
+    device argument and new threads' defaults all follow the current device, not the one tensors live on."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
+def configure_math(cfg: TrainConfig, device: torch.device) -> None:
+    """TF32 for fp32 matrix multiplies and convolutions on CUDA (``--tf32``, default on): Ampere and later run
+    them on tensor cores at ~8x the fp32 rate, with a 10-bit mantissa in the products and fp32 accumulation."""
+    if device.type != "cuda":
+        return
+    torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+    torch.backends.cudnn.allow_tf32 = cfg.tf32
 
 
 def _available_host_memory() -> int:
@@ -112,18 +137,21 @@ def _available_host_memory() -> int:
     return 8 * 2**30
 
 
-def window_budgets(cfg: TrainConfig, device: torch.device) -> tuple[float, float]:
-    """Bytes for the device and host tiers of the replay window (see ``--window-budget``/``--host-budget``)."""
+def window_budgets(cfg: TrainConfig, device: torch.device, local_world: int = 1) -> tuple[float, float]:
+    """Bytes for the device and host tiers of the replay window of this process (see ``--window-budget``/
+    ``--host-budget``, which are per process). The defaults share host memory between the ``local_world``
+    processes of this machine: 25 % of it in all, not per rank."""
+    host_share = 0.25 * _available_host_memory() / max(local_world, 1)
     if cfg.window_budget is not None:
         device_budget = cfg.window_budget * 1e9
     elif device.type == "cuda":
-        device_budget = 0.25 * torch.cuda.mem_get_info(device)[0]
+        device_budget = 0.25 * torch.cuda.mem_get_info(device)[0]  # each rank has a GPU of its own
     else:
-        device_budget = 0.25 * _available_host_memory()
+        device_budget = host_share
     if cfg.host_budget is not None:
         host_budget = cfg.host_budget * 1e9
     else:  # on a CPU the "device" tier already is host memory
-        host_budget = 0.25 * _available_host_memory() if device.type == "cuda" else 0.0
+        host_budget = host_share if device.type == "cuda" else 0.0
     return device_budget, host_budget
 
 
@@ -174,6 +202,8 @@ class Trainer:
         self.dist: DistInfo = init_distributed(self.device.type)
         if self.device.type == "cuda" and self.dist.enabled:
             self.device = torch.device("cuda", self.dist.local_rank)
+        bind_device(self.device)
+        configure_math(cfg, self.device)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         if self.device.type == "cpu":
@@ -201,7 +231,7 @@ class Trainer:
         capacity = max(self.schedule.block_length, 1) + (OVERLAP_SLACK if self.overlap else 0)
         batch = self.source.local_batch_size(0)
         slot_bytes = batch * (math.prod(self.source.image_shape) + 8)
-        device_budget, host_budget = window_budgets(cfg, self.device)
+        device_budget, host_budget = window_budgets(cfg, self.device, self.dist.local_world)
         tiers = TierPlan.for_budget(capacity, slot_bytes, device_budget, host_budget)
         self.window = WindowCache(capacity, self.source.image_shape, batch, self.device, self.normalize,
                                   storage=cfg.window_storage, tiers=tiers, regenerate=self.source.regenerate)
@@ -216,7 +246,7 @@ class Trainer:
             adapters = None
             if cfg.beta > 0:  # the two shallowest exits get a feature term (the official code skips exit 3)
                 adapters = SelfKDAdapters(net.feature_dim, min(2, net.num_exits - 1)).to(self.device)
-            self.student = self._role("student", net, adapters, self.dist.student_group, multi_exit=True)
+            self.student = self._role("student", net, adapters, multi_exit=True)
         else:
             archs = [cfg.student_arch] + ([cfg.teacher_arch] if cfg.mode != "base" else [])
             for arch in archs:
@@ -232,18 +262,18 @@ class Trainer:
                                  f"learn nothing (use {plain[cfg.student_arch]!r})")
             if cfg.mode != "base":
                 teacher_net = self._build(cfg.teacher_arch, "teacher", channels, size)
-                self.teacher = self._role("teacher", teacher_net, None, self.dist.teacher_group)
+                self.teacher = self._role("teacher", teacher_net, None)
             student_net = self._build(cfg.student_arch, "student", channels, size)
             projector = None
             if cfg.beta > 0 and cfg.mode != "base":
                 projector = Projector(student_net.feature_dim, teacher_net.feature_dim).to(self.device)
-            self.student = self._role("student", student_net, projector, self.dist.student_group)
+            self.student = self._role("student", student_net, projector)
         if self.overlap and self.device.type == "cuda":
             self.teacher.stream = torch.cuda.Stream(self.device)
             self.student.stream = torch.cuda.Stream(self.device)
         self.snapshots = None
         if cfg.mode == "online":
-            self.snapshots = R.SnapshotPool(self.teacher.model, 2 if self.overlap else 1, cfg.teacher_bn,
+            self.snapshots = R.SnapshotPool(self.teacher.net, 2 if self.overlap else 1, cfg.teacher_bn,
                                             torch.compile if cfg.compile else (lambda m: m))
 
         # ---- run state -----------------------------------------------------------------------------------------
@@ -268,7 +298,8 @@ class Trainer:
         self._prefetcher: Prefetcher | None = None
 
         # ---- outputs -------------------------------------------------------------------------------------------
-        self.outputs = RunOutputs(cfg.out or cfg.resume, enabled=self.dist.is_main, trace_batches=cfg.trace_batches,
+        self.run_folder = Path(cfg.out or cfg.resume) if (cfg.out or cfg.resume) else None  # on every rank
+        self.outputs = RunOutputs(self.run_folder, enabled=self.dist.is_main, trace_batches=cfg.trace_batches,
                                   resume=resume_state is not None)
         self.outputs.write_config(cfg.to_dict())
         if resume_state is not None:
@@ -281,20 +312,19 @@ class Trainer:
         model = model.to(self.device)
         return model.to(memory_format=torch.channels_last) if self.cfg.channels_last else model
 
-    def _role(self, name: str, net: nn.Module, extra: nn.Module | None, group, multi_exit: bool = False) -> R.Role:
-        model: nn.Module = R.FeatureForward(net)
-        params = list(model.parameters()) + (list(extra.parameters()) if extra is not None else [])
+    def _role(self, name: str, net: nn.Module, head: nn.Module | None, multi_exit: bool = False) -> R.Role:
+        model: nn.Module = R.TrainedModule(R.FeatureForward(net), head)
+        params = list(model.parameters())
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            # Self mode's CE-only steps leave the shallow exits without gradient.
-            model = DDP(model, device_ids=ids, process_group=group, find_unused_parameters=multi_exit)
-            if extra is not None:
-                extra = DDP(extra, device_ids=ids, process_group=group)
+            # Self mode's CE-only steps skip the adapters (their parameters get no gradient in those steps).
+            model = DDP(model, device_ids=ids, process_group=self.dist.group,
+                        find_unused_parameters=multi_exit and head is not None)
         if self.cfg.compile:
             model = torch.compile(model)
-        role = R.Role(name=name, model=model, optimizer=R.build_optimizer(self.cfg, params), extra=extra)
+        role = R.Role(name=name, model=model, optimizer=R.build_optimizer(self.cfg, params))
         role.seed_rng(derive_seed(self.cfg.seed, "rng", name, self.dist.rank), self.device)
         return role
 
@@ -343,11 +373,11 @@ class Trainer:
                     continue  # an s = 0 student step is due: state is only saved between whole iterations
                 if self._checkpoint_due:
                     self._checkpoint()
-                if self._stop_reason is not None:
+                if self._stop_agreed():
                     self._checkpoint()
-                    where = f"; resume with --resume {self.outputs.folder}" if self.outputs.folder else ""
-                    raise TrainingInterrupted(f"stopped by {self._stop_reason} at teacher iteration {self.t_iter}"
-                                              f"{where}")
+                    where = f"; resume with --resume {self.run_folder}" if self.run_folder else ""
+                    reason = self._stop_reason or "a signal to another rank"
+                    raise TrainingInterrupted(f"stopped by {reason} at teacher iteration {self.t_iter}{where}")
         finally:
             progress.close()
             if self._prefetcher is not None:
@@ -368,8 +398,18 @@ class Trainer:
                        data_wait_s=self.data_wait_s, session_s=session)
 
     def request_stop(self, reason: str = "request") -> None:
-        """Stop at the next whole iteration and write last.pt, as SIGINT/SIGTERM do."""
+        """Stop at the next whole iteration and write last.pt, as SIGINT/SIGTERM do (under DDP: every rank stops
+        at the same step, within ``STOP_CHECK_EVERY`` steps of the request, whichever rank got it)."""
         self._stop_reason = reason
+
+    def _stop_agreed(self) -> bool:
+        """Whether to stop now. Under DDP the ranks decide together, at the same optimizer step (the schedule is
+        the same on every rank), so none is left waiting in a collective that the others never join."""
+        if not self.dist.enabled:
+            return self._stop_reason is not None
+        if self.actions % STOP_CHECK_EVERY:
+            return False
+        return any_rank(self._stop_reason is not None, self.dist)
 
     def _install_signal_handlers(self) -> dict:
         previous = {}
@@ -431,9 +471,8 @@ class Trainer:
             if cfg.mode in ("base", "offline") and not (cfg.mode == "offline" and self.phase == "student"):
                 R.ce_step(cfg, role, x, labels, lr)
             elif cfg.mode == "offline":
-                frozen = R.unwrap(self.teacher.model)
                 with torch.no_grad(), R.autocast(cfg, self.device):
-                    t_logits, t_features = frozen(x)
+                    t_logits, t_features = self.teacher.net(x)
                 R.distill_step(cfg, role, x, labels, lr, t_logits, t_features)
             else:
                 block = self._block_at(i)
@@ -447,7 +486,7 @@ class Trainer:
                         self.window.put(i, images, labels, plan)
                     R.ce_step(cfg, role, x, labels, lr, multi_exit=cfg.mode == "self")
                     if i == block.stop - 1 and self._replays(block) and self.snapshots is not None:
-                        self.snapshots.take(block.index, self.teacher.model, self.device)
+                        self.snapshots.take(block.index, self.teacher.net, self.device)
             self.outputs.batch("teacher" if cfg.mode != "base" else "student", role.steps - 1, images, labels)
         self.images_seen += labels.shape[0] * self.dist.world
         self.t_iter += 1
@@ -549,7 +588,7 @@ class Trainer:
             self._evaluate("teacher", epoch)
             if epoch == cfg.epochs:  # the teacher is done: freeze it, train the student on fresh data
                 self.phase, self.t_iter, self.evaluated_through = "student", 0, 0
-                R.unwrap(self.teacher.model).eval()
+                self.teacher.net.eval()
         else:
             self._evaluate("student", epoch + (cfg.epochs if cfg.mode == "offline" else 0))
 
@@ -573,11 +612,12 @@ class Trainer:
         self._emit_ready()
 
     def _accuracy(self, role: R.Role, multi_exit: bool = False) -> torch.Tensor:
-        group = self.dist.teacher_group if role is self.teacher else self.dist.student_group
+        """Test-set counts (CPU tensor): computed and summed over ranks on the role's stream, and read back on
+        that same stream, after its evaluation and its all-reduce (the default stream knows nothing of them)."""
         with role.context():
             batches = self.source.test_batches(self.cfg.eval_batch_size)
-            counts = R.evaluate(role.model, batches, self.normalize, self.device, multi_exit)
-            return all_reduce_sum(counts, self.dist, group)
+            counts = R.evaluate(role.net, batches, self.normalize, self.device, multi_exit)
+            return all_reduce_sum(counts, self.dist).cpu()
 
     def _record_complete(self, entry: dict) -> bool:
         if self.cfg.mode == "online":
@@ -623,36 +663,70 @@ class Trainer:
             torch.cuda.synchronize(self.device)
 
     def _checkpoint(self) -> None:
-        """Write last.pt (rank 0, atomically): everything needed to continue bit-identically."""
+        """Write last.pt atomically: everything needed to continue bit-identically.
+
+        Under DDP the models, optimizers and schedule are the same on every rank, but the replay window (this
+        rank's shard of the batches) and the random streams are not: ranks 1.. write theirs to
+        ``ranks/rank<r>-<id>.pt`` first, then rank 0 writes last.pt naming that id, then the older rank files go.
+        A crash at any point leaves a last.pt whose rank files exist."""
         self._checkpoint_due = False
-        if self.outputs.folder is None:
+        if self.run_folder is None:
             return
         self._sync()
+        checkpoint_id = self.actions
+        rank_state = self._rank_state(checkpoint_id)
+        rank_dir = self.run_folder / RANK_FOLDER
+        if self.dist.enabled and not self.dist.is_main:
+            rank_dir.mkdir(parents=True, exist_ok=True)
+            atomic_save(rank_state, rank_dir / f"rank{self.dist.rank}-{checkpoint_id}.pt")
+        barrier(self.dist)  # every rank file is on disk before last.pt points at them
+        if self.dist.is_main:
+            roles = {"teacher": self.teacher, "student": self.student}
+            state = {
+                "format": CHECKPOINT_FORMAT,
+                "config": self.cfg.to_dict(),
+                "world": self.dist.world,
+                "checkpoint_id": checkpoint_id,
+                "roles": {name: _role_state(role) for name, role in roles.items() if role is not None},
+                "position": {"t_iter": self.t_iter, "phase": self.phase, "s_block": self.s_block,
+                             "s_offset": self.s_offset, "last_action": self._last_action, "actions": self.actions,
+                             "evaluated_through": self.evaluated_through},
+                "snapshots": self.snapshots.state_dict() if self.snapshots is not None else {},
+                "history": self.history,
+                "pending": {e: {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in entry.items()}
+                            for e, entry in self.pending.items()},
+                "images_seen": self.images_seen,
+                "elapsed": self.elapsed_before + time.perf_counter() - self._start,
+                "rank_state": rank_state,
+            }
+            self.outputs.checkpoint(state)
+        barrier(self.dist)
+        if self.dist.enabled and not self.dist.is_main:
+            for old in rank_dir.glob(f"rank{self.dist.rank}-*.pt"):
+                if old.name != f"rank{self.dist.rank}-{checkpoint_id}.pt":
+                    old.unlink(missing_ok=True)
+
+    def _rank_state(self, checkpoint_id: int) -> dict:
+        """What differs between ranks: the window (this rank's batches) and every random stream."""
         roles = {"teacher": self.teacher, "student": self.student}
-        state = {
-            "format": CHECKPOINT_FORMAT,
-            "config": self.cfg.to_dict(),
-            "roles": {name: _role_state(role) for name, role in roles.items() if role is not None},
-            "position": {"t_iter": self.t_iter, "phase": self.phase, "s_block": self.s_block,
-                         "s_offset": self.s_offset, "last_action": self._last_action, "actions": self.actions,
-                         "evaluated_through": self.evaluated_through},
-            "snapshots": self.snapshots.state_dict() if self.snapshots is not None else {},
+        return {
+            "rank": self.dist.rank,
+            "checkpoint_id": checkpoint_id,
             "window": self.window.state_dict(),
-            "history": self.history,
-            "pending": {e: {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in entry.items()}
-                        for e, entry in self.pending.items()},
-            "images_seen": self.images_seen,
-            "elapsed": self.elapsed_before + time.perf_counter() - self._start,
+            "roles": {name: {"rng": role.rng_state,
+                             "loss": (role.loss_sum.cpu() if role.loss_sum is not None else None, role.loss_count)}
+                      for name, role in roles.items() if role is not None},
             "rng": {"cpu": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
         }
-        self.outputs.checkpoint(state)
 
     def _load_resume(self, cfg: TrainConfig) -> dict:
         path = Path(cfg.resume) / CHECKPOINT
         if not path.exists():
             raise FileNotFoundError(f"--resume {cfg.resume}: there is no {CHECKPOINT} in that folder")
         state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain containers only
+        if state.get("format") == 1:  # a single-process checkpoint of the first format: same content, other places
+            state = _upgrade_format_1(state)
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"--resume {cfg.resume}: checkpoint format {state.get('format')!r}, this version reads "
                              f"{CHECKPOINT_FORMAT}")
@@ -664,27 +738,46 @@ class Trainer:
                              f"{details}")
         return state
 
+    def _load_rank_state(self, state: dict) -> dict:
+        """This rank's part of a checkpoint (rank 0's travels in last.pt)."""
+        world = state.get("world", 1)
+        if world != self.dist.world:
+            raise ValueError(f"--resume {self.cfg.resume}: the run was saved by {world} process(es) and is resumed "
+                             f"by {self.dist.world}; each rank replays its own shard of the batches, so resume it "
+                             f"with {world} (torchrun --nproc_per_node={world})" if world > 1 else
+                             f"--resume {self.cfg.resume}: the run was saved by a single process; resume it with one")
+        if self.dist.is_main:
+            return state["rank_state"]
+        path = Path(self.cfg.resume) / RANK_FOLDER / f"rank{self.dist.rank}-{state['checkpoint_id']}.pt"
+        if not path.exists():
+            raise FileNotFoundError(f"--resume {self.cfg.resume}: rank {self.dist.rank}'s state {path} is missing "
+                                    f"(written beside {CHECKPOINT} by that rank)")
+        rank_state = torch.load(path, map_location="cpu", weights_only=True)
+        if rank_state.get("rank") != self.dist.rank or rank_state.get("checkpoint_id") != state["checkpoint_id"]:
+            raise ValueError(f"--resume {self.cfg.resume}: {path} does not belong to {CHECKPOINT}")
+        return rank_state
+
     def _restore(self, state: dict) -> None:
+        rank_state = self._load_rank_state(state)
         for name, role in (("teacher", self.teacher), ("student", self.student)):
             if role is not None:
-                _load_role_state(role, state["roles"][name], self.device)
+                _load_role_state(role, state["roles"][name], rank_state["roles"][name], self.device)
         position = state["position"]
         self.t_iter, self.phase = position["t_iter"], position["phase"]
         self.s_block, self.s_offset = position["s_block"], position["s_offset"]
         self._last_action, self.actions = position["last_action"], position["actions"]
         self.evaluated_through = position["evaluated_through"]
         if self.cfg.mode == "offline" and self.phase == "student":
-            R.unwrap(self.teacher.model).eval()
+            self.teacher.net.eval()
         if self.snapshots is not None:
             self.snapshots.load_state_dict(state["snapshots"], self.device)
-        self.window.load_state_dict(state["window"])
+        self.window.load_state_dict(rank_state["window"])
         self.history = state["history"]
-        self.pending = {e: {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in entry.items()}
-                        for e, entry in state["pending"].items()}
+        self.pending = {e: dict(entry) for e, entry in state["pending"].items()}
         self.images_seen, self.elapsed_before = state["images_seen"], state["elapsed"]
-        torch.set_rng_state(state["rng"]["cpu"])
-        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        torch.set_rng_state(rank_state["rng"]["cpu"])
+        if rank_state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rank_state["rng"]["cuda"])
         self.log(f"spacedkd_fast: resuming {self.cfg.resume} at teacher iteration {self.t_iter} "
                  f"(epoch {self.t_iter / self.iters_per_epoch:.2f} of the {self.phase} phase)")
 
@@ -716,20 +809,30 @@ class Trainer:
 
 
 def _role_state(role: R.Role) -> dict:
-    return {"model": R.unwrap(role.model).state_dict(), "optimizer": role.optimizer.state_dict(),
-            "extra": R.unwrap(role.extra).state_dict() if role.extra is not None else None,
-            "steps": role.steps, "last_lr": role.last_lr, "rng": role.rng_state,
-            "loss": (role.loss_sum.cpu() if role.loss_sum is not None else None, role.loss_count)}
+    """What a role shares across ranks (DDP keeps it identical): weights, head, optimizer, step count."""
+    return {"model": role.net.state_dict(), "optimizer": role.optimizer.state_dict(),
+            "extra": role.head.state_dict() if role.head is not None else None,
+            "steps": role.steps, "last_lr": role.last_lr}
 
 
-def _load_role_state(role: R.Role, saved: dict, device: torch.device) -> None:
-    R.unwrap(role.model).load_state_dict(saved["model"])
+def _load_role_state(role: R.Role, saved: dict, rank_saved: dict, device: torch.device) -> None:
+    role.net.load_state_dict(saved["model"])
     role.optimizer.load_state_dict(saved["optimizer"])
-    if role.extra is not None and saved["extra"] is not None:
-        R.unwrap(role.extra).load_state_dict(saved["extra"])
-    role.steps, role.last_lr, role.rng_state = saved["steps"], saved["last_lr"], saved["rng"]
-    loss_sum, role.loss_count = saved["loss"]
+    if role.head is not None and saved["extra"] is not None:
+        role.head.load_state_dict(saved["extra"])
+    role.steps, role.last_lr = saved["steps"], saved["last_lr"]
+    role.rng_state = rank_saved["rng"]
+    loss_sum, role.loss_count = rank_saved["loss"]
     role.loss_sum = loss_sum.to(device) if loss_sum is not None else None
+
+
+def _upgrade_format_1(state: dict) -> dict:
+    """A format-1 checkpoint (one process) as format 2: the window and random streams become rank 0's state."""
+    rank_state = {"rank": 0, "checkpoint_id": state["position"]["actions"], "window": state.pop("window"),
+                  "rng": state.pop("rng"),
+                  "roles": {name: {"rng": r.pop("rng"), "loss": r.pop("loss")} for name, r in state["roles"].items()}}
+    return {**state, "format": CHECKPOINT_FORMAT, "world": 1, "checkpoint_id": rank_state["checkpoint_id"],
+            "rank_state": rank_state}
 
 
 class _NoProgress:
