@@ -17,7 +17,7 @@ from torch.func import functional_call
 
 from spacedkd_fast.config import TrainConfig
 from spacedkd_fast.engine import Trainer
-from spacedkd_fast.engine.roles import FeatureForward, unwrap
+from spacedkd_fast.engine.roles import FeatureForward
 from spacedkd_fast.hessian import TraceEstimate, _load_target, _quadratic_forms, hessian_trace, main
 from spacedkd_fast.models import build_model
 
