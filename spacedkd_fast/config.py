@@ -98,6 +98,10 @@ class TrainConfig:
     compile: bool = _f(False, "torch.compile the networks")
     tf32: bool = _f(True, "CUDA: fp32 matrix multiplies and convolutions on TF32 tensor cores (10-bit mantissa "
                           "products, fp32 accumulation; ~8x faster on Ampere and later)")
+    deterministic: bool = _f(False, "CUDA: deterministic kernels where PyTorch has them "
+                                    "(torch.use_deterministic_algorithms, cuDNN deterministic), so reruns, overlap "
+                                    "and resumes are bit-identical on a GPU too, at some speed cost (CPU runs always "
+                                    "are); ops without one warn")
     overlap: bool | None = _f(None, "train the teacher's next block on one CUDA stream while the student replays "
                                     "the previous one on another (default: on with CUDA, off on CPU)")
     data_backend: str = _f("auto", "batch augmentation: torch (on the training device), dali (the same graph in "
@@ -218,7 +222,8 @@ RECIPES: dict[str, dict[str, Any]] = {
 
 # Fields whose value differs between two configs without making a resume incompatible.
 RESUME_MUTABLE = {"resume", "out", "progress", "device", "threads", "trace_batches", "overlap", "eval_batch_size",
-                  "compile", "recipe", "prefetch", "window_budget", "host_budget", "window_storage", "tf32"}
+                  "compile", "recipe", "prefetch", "window_budget", "host_budget", "window_storage", "tf32",
+                  "deterministic"}
 
 
 def config_fields() -> tuple[dataclasses.Field, ...]:

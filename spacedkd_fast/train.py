@@ -34,7 +34,8 @@ GROUPS = {
         "lr_gamma"),
     "distillation": ("alpha", "temperature", "beta", "label_smoothing", "kd_objective", "teacher_bn",
                      "self_kd_weight"),
-    "execution": ("device", "precision", "channels_last", "compile", "tf32", "overlap", "seed", "threads"),
+    "execution": ("device", "precision", "channels_last", "compile", "tf32", "deterministic", "overlap",
+                  "seed", "threads"),
     "data path": ("data_backend", "prefetch", "window_budget", "host_budget", "window_storage"),
     "outputs": ("out", "resume", "trace_batches", "progress", "recipe"),
 }

@@ -23,6 +23,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -117,12 +118,25 @@ def bind_device(device: torch.device) -> None:
 
 
 def configure_math(cfg: TrainConfig, device: torch.device) -> None:
-    """TF32 for fp32 matrix multiplies and convolutions on CUDA (``--tf32``, default on): Ampere and later run
-    them on tensor cores at ~8x the fp32 rate, with a 10-bit mantissa in the products and fp32 accumulation."""
+    """CUDA numerics of a run.
+
+    * TF32 for fp32 matrix multiplies and convolutions (``--tf32``, default on): Ampere and later run them on tensor
+      cores at ~8x the fp32 rate, with a 10-bit mantissa in the products and fp32 accumulation.
+    * ``--deterministic``: deterministic kernels where PyTorch has them (cuDNN's fastest convolution algorithms and
+      atomics-based reductions vary between runs in the last bits), so overlap, reruns and resumes are
+      bit-identical. Ops with no deterministic CUDA kernel warn once and run as they are (``warn_only``): the
+      bilinear upsampling of BYOT's attention gates is one (its backward adds with atomics).
+    """
     if device.type != "cuda":
         return
     torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
     torch.backends.cudnn.allow_tf32 = cfg.tf32
+    if cfg.deterministic:
+        # cuBLAS reads this when it creates its handles, i.e. at the first matrix multiply of the process.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
 
 
 def _available_host_memory() -> int:
@@ -594,9 +608,9 @@ class Trainer:
 
     def _evaluate(self, which: str, epoch: int) -> None:
         role = self.teacher if which == "teacher" else self.student
-        counts = self._accuracy(role, multi_exit=self.cfg.mode == "self")
+        counts, loss = self._measure(role, multi_exit=self.cfg.mode == "self")
         entry = self.pending.setdefault(epoch, {"epoch": epoch})
-        entry.update({f"{which}_counts": counts, f"{which}_loss": role.take_mean_loss(), f"lr_{which}": role.last_lr})
+        entry.update({f"{which}_counts": counts, f"{which}_loss": loss, f"lr_{which}": role.last_lr})
         self._emit_ready()
 
     def _student_evals(self, block: Block | None) -> None:
@@ -604,20 +618,20 @@ class Trainer:
         epochs = self.schedule.student_eval_epochs(block)
         if not epochs:
             return
-        counts = self._accuracy(self.student)
-        loss = self.student.take_mean_loss()
+        counts, loss = self._measure(self.student)
         for epoch in epochs:
             entry = self.pending.setdefault(epoch, {"epoch": epoch})
             entry.update(student_counts=counts, student_loss=loss, lr_student=self.student.last_lr)
         self._emit_ready()
 
-    def _accuracy(self, role: R.Role, multi_exit: bool = False) -> torch.Tensor:
-        """Test-set counts (CPU tensor): computed and summed over ranks on the role's stream, and read back on
-        that same stream, after its evaluation and its all-reduce (the default stream knows nothing of them)."""
+    def _measure(self, role: R.Role, multi_exit: bool = False) -> tuple[torch.Tensor, float | None]:
+        """Test-set counts (CPU tensor) and the role's mean training loss since the last call. Both are computed
+        on the role's stream (the counts summed over ranks there) and read back on that same stream, after the
+        work that produced them: the default stream knows nothing of it."""
         with role.context():
             batches = self.source.test_batches(self.cfg.eval_batch_size)
             counts = R.evaluate(role.net, batches, self.normalize, self.device, multi_exit)
-            return all_reduce_sum(counts, self.dist).cpu()
+            return all_reduce_sum(counts, self.dist).cpu(), role.take_mean_loss()
 
     def _record_complete(self, entry: dict) -> bool:
         if self.cfg.mode == "online":
