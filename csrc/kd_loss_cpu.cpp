@@ -170,29 +170,41 @@ struct StudentStats {
   float a;   // Σ exp((t − ref_t)/T) · ((t − ref_t) − (s − ref_s)), the KL numerator
 };
 
+// e^(x·k) from e^x = v for an integer k >= 2 (k − 1 multiplies instead of an exponential); terms below FLT_MIN
+// are 0, as exp2_nonpos gives them (and no denormal ever enters a multiply). `u1` is x·log2(e).
+SPACEDKD_INLINE f8 integer_power(f8 v, f8 u1, int k) {
+  f8 p = v;
+  for (int i = 1; i < k; ++i) p *= v;
+  return u1 < -126.0f ? splat(0.0f) : p;
+}
+
 // One pass over a student row once its max is known: the exponentials at T = 1 and at T (stored for the
 // gradient) and the KL numerator against the teacher's exponentials `et`. A zero teacher weight contributes 0 to
-// the numerator even where d is ±inf or NaN (padding, masked vocabulary).
+// the numerator even where d is ±inf or NaN (padding, masked vocabulary). For an integer temperature T = k (2 to 8:
+// the usual KD temperatures), exp(x) = exp(x/T)^k: one exponential per element instead of two, within 2k ulp.
 SPACEDKD_HOT StudentStats student_stats(const float* __restrict s, const float* __restrict t,
                                         const float* __restrict et, int64_t n8, float ref_s, float ref_t,
-                                        float inv_temp, bool with_kd, bool temp_is_one, float* __restrict e1,
-                                        float* __restrict eT) {
+                                        float inv_temp, int integer_temp, bool with_kd, bool temp_is_one,
+                                        float* __restrict e1, float* __restrict eT) {
   double z1 = 0.0, zT = 0.0, a = 0.0;
   const float scale_T = inv_temp * kLog2e;
+  const bool power = with_kd && !temp_is_one && integer_temp >= 2;
   for (int64_t c = 0; c < n8; c += kChunk) {
     const int64_t end = c + kChunk < n8 ? c + kChunk : n8;
     f8 z1v = splat(0.0f), zTv = splat(0.0f), av = splat(0.0f);
     for (int64_t j = c; j < end; j += kLanes) {
       const f8 xs = load8(s + j) - ref_s;
-      const f8 v1 = exp2_nonpos(xs * kLog2e);
+      const f8 u1 = xs * kLog2e;
+      f8 vT = splat(0.0f);
+      if (with_kd && !temp_is_one) {
+        vT = exp2_nonpos(xs * scale_T);
+        store8(eT + j, vT);
+        zTv += vT;
+      }
+      const f8 v1 = power ? integer_power(vT, u1, integer_temp) : exp2_nonpos(u1);
       store8(e1 + j, v1);
       z1v += v1;
       if (with_kd) {
-        if (!temp_is_one) {
-          const f8 vT = exp2_nonpos(xs * scale_T);
-          store8(eT + j, vT);
-          zTv += vT;
-        }
         const f8 w = load8(et + j);
         const f8 term = w * ((load8(t + j) - ref_t) - xs);
         av += w == 0.0f ? splat(0.0f) : term;
@@ -273,6 +285,12 @@ void run(const at::Tensor& student, const at::Tensor& teacher, const int64_t* ta
   const bool has_ce = target != nullptr && p.ce_weight != 0.0f;
   const bool has_kd = p.kd_weight != 0.0f;
   const bool temp_is_one = p.inv_temperature == 1.0f;
+  // T = 2..8 exactly (1/T as the Python side computes it): exp(x) as exp(x/T)^T in student_stats.
+  const float temperature = 1.0f / p.inv_temperature;
+  const int integer_temp = (temperature == std::round(temperature) && temperature >= 2.0f && temperature <= 8.0f &&
+                            1.0f / static_cast<float>(static_cast<int>(temperature)) == p.inv_temperature)
+                               ? static_cast<int>(temperature)
+                               : 0;
   const float smooth = p.label_smoothing / static_cast<float>(V);
   const float ce_coef = p.ce_weight * p.grad_scale;
   const float kd_coef = p.kd_weight * p.inv_temperature * p.grad_scale;
@@ -317,6 +335,7 @@ void run(const at::Tensor& student, const at::Tensor& teacher, const int64_t* ta
         const float m_s = load_row_max(s_base + k * s_sk + r0 * s_s0 + r1 * s_s1, s_sv, V, n8, s);
         const float ref_s = m_s == kNegInf ? 0.0f : m_s;
         const StudentStats st = student_stats(s, buf.t.data(), buf.et.data(), n8, ref_s, ref_t, p.inv_temperature,
+                                              integer_temp,
                                               has_kd, temp_is_one, buf.e1.data(), buf.eT.data());
         const float z1 = st.z1, zT = st.zT, a = st.a;
         const float* eT = temp_is_one ? buf.e1.data() : buf.eT.data();

@@ -410,8 +410,8 @@ def format_table(report: GateReport, full: bool = False) -> str:
             lines.append(f"| {k.arch} | {_config_text(k)} | {dtypes} | {k.registers} | {k.spill_bytes} | "
                          f"{k.shared_bytes} | {len(k.cases)} | {k.cases[0]} |")
     else:
-        lines += ["| arch | path | kernels | cases | registers (max) | spill bytes (max) | shared B (max) | "
-                  "slowest compile |", "|---|---|---|---|---|---|---|---|"]
+        lines += ["| arch | path | kernels | cases | registers | spill bytes | shared bytes | warps |",
+                  "|---|---|---|---|---|---|---|---|"]
         groups: dict[tuple, list[Compiled]] = {}
         for k in report.kernels:
             c = k.config
@@ -420,9 +420,10 @@ def format_table(report: GateReport, full: bool = False) -> str:
                                                                           else "")
             groups.setdefault((k.arch, path), []).append(k)
         for (arch, path), ks in sorted(groups.items()):
-            lines.append(f"| {arch} | {path} | {len(ks)} | {sum(len(k.cases) for k in ks)} | "
-                         f"{max(k.registers or 0 for k in ks)} | {max(k.spill_bytes for k in ks)} | "
-                         f"{max(k.shared_bytes for k in ks)} | {max(k.compile_s for k in ks):.1f} s |")
+            regs = [k.registers or 0 for k in ks]
+            warps = ", ".join(str(w) for w in sorted({k.num_warps for k in ks}))
+            lines.append(f"| {arch} | {path} | {len(ks)} | {sum(len(k.cases) for k in ks)} | {min(regs)}–{max(regs)} "
+                         f"| {max(k.spill_bytes for k in ks)} | ≤ {max(k.shared_bytes for k in ks)} | {warps} |")
     bad = [k for k in report.kernels if not k.ok]
     for k in bad:
         lines.append(f"\nSPILLS {k.spill_bytes} B ({k.registers} registers) {k.arch} {_config_text(k)}: "
