@@ -85,8 +85,8 @@ def _run_triton(problem: KDProblem, student4, teacher3, temperature, ce_weight, 
 def _run_reference(problem: KDProblem, temperature, ce_weight, kd_weight, label_smoothing, reduction,
                    grad_student, grad_teacher):
     """The kernels' contract computed by the torch reference and autograd: the fallback when Triton fails to
-    compile. Returns ``(loss, grad_student (K, N, V), grad_teacher (K, N, V))`` like the kernels do."""
-    from spacedkd_fast.loss.reference import kd_loss_terms_reference, reduce_rows
+    compile. Returns ``(loss (K,) or (K, N), grad_student (K, N, V), grad_teacher (K, N, V))`` like the kernels."""
+    from spacedkd_fast.loss.reference import kd_loss_terms_reference
 
     k, n, v = problem.num_students, problem.num_rows, problem.vocab
     with torch.enable_grad():
@@ -96,22 +96,16 @@ def _run_reference(problem: KDProblem, temperature, ce_weight, kd_weight, label_
             teacher = teacher.expand(k, n, v).clone().requires_grad_(True)
         ce, kl = kd_loss_terms_reference(student, teacher, problem.target, temperature=temperature,
                                          label_smoothing=label_smoothing, ignore_index=problem.ignore_index)
-        rows = kd_weight * kl if ce is None else ce_weight * ce + kd_weight * kl
-        multi = dataclasses_replace_multi(problem)
-        loss = reduce_rows(rows.float(), multi, reduction).reshape(-1 if reduction != "none" else (k, n))
+        loss = (kd_weight * kl if ce is None else ce_weight * ce + kd_weight * kl).float()  # (K, N)
+        if reduction != "none":
+            loss = loss.sum(dim=1)
+            if reduction == "mean":
+                loss = loss / problem.valid_count(torch.float32).clamp_min(1)
         inputs = [x for x, wanted in ((student, grad_student), (teacher, grad_teacher)) if wanted]
-        grads = torch.autograd.grad(loss.sum(), inputs) if inputs else ()
-    grads = list(grads)
+        grads = list(torch.autograd.grad(loss.sum(), inputs)) if inputs else []
     grad_s = grads.pop(0).to(problem.student.dtype) if grad_student else None
     grad_t = grads.pop(0).to(problem.teacher.dtype) if grad_teacher else None
     return loss.detach(), grad_s, grad_t
-
-
-def dataclasses_replace_multi(problem: KDProblem) -> KDProblem:
-    """The problem seen as K students (the reduced shape ``(K,)`` even for a single student)."""
-    import dataclasses
-
-    return dataclasses.replace(problem, multi_student=True) if not problem.multi_student else problem
 
 
 def _triton_compile_errors() -> tuple[type[BaseException], ...]:
