@@ -3,6 +3,7 @@
 Public API:
     kd_loss, KDLoss          fused (1−α)·CE + α·T²·KL loss (Triton on CUDA, C++ on CPU, torch reference)
     kd_loss_reference        the pure-torch spec of that loss
+    SpacedReplay             Spaced KD in your own training loop: schedule, replay window, teacher snapshots
 
 Optional parts (Triton, the C++ extension, DALI, CUDA) are probed lazily by :mod:`spacedkd_fast.backends`;
 ``python -m spacedkd_fast.info`` shows what this machine uses.
@@ -13,6 +14,15 @@ import logging
 from spacedkd_fast.loss import KDLoss, kd_loss, kd_loss_reference
 
 __version__ = "0.1.0"
-__all__ = ["KDLoss", "kd_loss", "kd_loss_reference", "__version__"]
+__all__ = ["KDLoss", "SpacedReplay", "kd_loss", "kd_loss_reference", "__version__"]
+
+
+def __getattr__(name: str):
+    # Imported on first use: the engine pulls in the data stack, which a loss-only user does not need.
+    if name == "SpacedReplay":
+        from spacedkd_fast.engine.replay import SpacedReplay
+
+        return SpacedReplay
+    raise AttributeError(f"module 'spacedkd_fast' has no attribute {name!r}")
 
 logging.getLogger("spacedkd_fast").addHandler(logging.NullHandler())
