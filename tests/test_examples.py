@@ -26,3 +26,13 @@ def test_own_loop_replays_exactly_the_teachers_batches(tmp_path):
     assert student == teacher, "the student replays the teacher's batches, byte-identical, in order"
     # Replays come after their block: the first student batch follows the 5th teacher batch (s = 0.5: N = 5).
     assert [line.split()[0] for line in lines[:6]] == ["teacher"] * 5 + ["student"]
+
+
+def test_llm_logits_example_matches_the_reference():
+    result = run("llm_logits.py", "--batch", "3", "--seq", "24", "--vocab", "500")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    loss = float(out.split("loss ")[1].split()[0])
+    reference = float(out.split("reference ")[1].split(")")[0])
+    assert abs(loss - reference) <= 2e-5 * max(1.0, abs(reference)), out
+    assert "bfloat16" in out and "zero at padding: True" in out
