@@ -122,8 +122,11 @@ class TrainConfig:
     threads: int | None = _f(None, "CPU threads for torch (default: torch's choice)", metavar="N")
 
     # ---- outputs -------------------------------------------------------------------------------------------------
-    out: str | None = _f(None, "output folder: config.json, metrics.jsonl, curves.png, last.pt", metavar="DIR")
-    resume: str | None = _f(None, "resume the run saved in this folder (its last.pt)", metavar="DIR")
+    out: str | None = _f(None, "output folder: config.json, metrics.jsonl, curves.png, last.pt / previous.pt / "
+                               "best.pt (default from the command line: runs/<mode>-<date>-<time>)", metavar="DIR")
+    resume: str | None = _f(None, "resume the run saved in this folder (its last.pt, else previous.pt); with a larger "
+                                  "--epochs, extend a finished run", metavar="DIR")
+    overwrite: bool = _f(False, "let --out replace the run a folder already holds (otherwise refused)")
     trace_batches: bool = _f(False, "write batches.jsonl: one record per optimizer step with the sha1 of its batch")
     progress: bool = _f(True, "show a progress bar")
     recipe: str | None = _f(None, "apply a named recipe before the explicit flags (paper: the official online-CNN "
@@ -223,7 +226,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 # Fields whose value differs between two configs without making a resume incompatible.
 RESUME_MUTABLE = {"resume", "out", "progress", "device", "threads", "trace_batches", "overlap", "eval_batch_size",
                   "compile", "recipe", "prefetch", "window_budget", "host_budget", "window_storage", "tf32",
-                  "deterministic"}
+                  "deterministic", "overwrite"}
 
 
 def config_fields() -> tuple[dataclasses.Field, ...]:
@@ -231,6 +234,8 @@ def config_fields() -> tuple[dataclasses.Field, ...]:
 
 
 def incompatible_fields(saved: TrainConfig, requested: TrainConfig) -> list[str]:
-    """Fields that differ between a saved run and a resume request in a way that would change the math."""
+    """Fields that differ between a saved run and a resume request in a way that would change the math (more
+    ``epochs`` extend the run and are allowed; fewer are not)."""
     return [f.name for f in config_fields()
-            if f.name not in RESUME_MUTABLE and getattr(saved, f.name) != getattr(requested, f.name)]
+            if f.name not in RESUME_MUTABLE and getattr(saved, f.name) != getattr(requested, f.name)
+            and not (f.name == "epochs" and requested.epochs > saved.epochs)]

@@ -14,6 +14,9 @@ Phases, in order:
   3. The final partial block (fewer than N batches) is replayed by default; ``replay_tail=False`` drops it, as the
      official code does (its student never sees those batches).
 
+A run extended after it ended (``--resume DIR --epochs N``) keeps the blocks it had: its old length is a
+*boundary* (``boundaries``, in epochs), no block crosses it, and the partial block before it stays a tail.
+
 Iterations are 0-based global teacher iterations: iteration ``i`` belongs to epoch ``i // iters_per_epoch``.
 """
 
@@ -57,6 +60,7 @@ class SpacingSchedule:
         epochs: number of epochs, ≥ 1.
         start_epoch: spacing starts at this epoch (0 = from the first iteration); earlier epochs are online KD.
         replay_tail: replay the final partial block (False reproduces the official code, which drops it).
+        boundaries: epochs (< ``epochs``) at which an earlier, shorter schedule of the run ended: blocks end there.
     """
 
     space: float
@@ -64,6 +68,7 @@ class SpacingSchedule:
     epochs: int
     start_epoch: int = 0
     replay_tail: bool = True
+    boundaries: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.space, bool) or not isinstance(self.space, (int, float)) or not math.isfinite(self.space):
@@ -76,6 +81,10 @@ class SpacingSchedule:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         if not 0 <= self.start_epoch <= self.epochs:
             raise ValueError(f"start_epoch must be in [0, epochs={self.epochs}], got {self.start_epoch}")
+        if any(not 0 < b < self.epochs for b in self.boundaries) or list(self.boundaries) != sorted(
+                set(self.boundaries)):
+            raise ValueError(f"boundaries must be increasing epochs in (0, epochs={self.epochs}), got "
+                             f"{self.boundaries}")
         if self.space > 0 and self.block_length == 0:
             raise ValueError(
                 f"space s={self.space} epochs gives blocks of floor(s·iters_per_epoch) = 0 iterations at "
@@ -101,8 +110,10 @@ class SpacingSchedule:
             blocks.append(Block(index=len(blocks), start=i, length=1, online=True, replay=True))
         start = spaced_from
         n = self.block_length
+        ends = [b * self.iters_per_epoch for b in self.boundaries] + [self.total_iterations]
         while start < self.total_iterations:
-            length = min(n, self.total_iterations - start)
+            end = next(e for e in ends if e > start)  # the segment this block lies in
+            length = min(n, end - start)
             is_tail = length < n
             blocks.append(Block(index=len(blocks), start=start, length=length, online=False,
                                 replay=self.replay_tail or not is_tail))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import sys
 import typing
@@ -37,7 +38,7 @@ GROUPS = {
     "execution": ("device", "precision", "channels_last", "compile", "tf32", "deterministic", "overlap",
                   "seed", "threads"),
     "data path": ("data_backend", "prefetch", "window_budget", "host_budget", "window_storage"),
-    "outputs": ("out", "resume", "trace_batches", "progress", "recipe"),
+    "outputs": ("out", "resume", "overwrite", "trace_batches", "progress", "recipe"),
 }
 
 
@@ -60,8 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
             "in a few minutes."),
         epilog=(
             "Precedence: defaults < --recipe < the saved config of --resume < explicit flags.\n"
-            "Outputs in --out: config.json, metrics.jsonl, curves.png, last.pt (+ batches.jsonl with\n"
-            "--trace-batches). Ctrl-C (or SIGTERM) writes last.pt; continue with --resume DIR."),
+            "Outputs in --out (default runs/<mode>-<date>-<time>): config.json, metrics.jsonl, curves.png,\n"
+            "last.pt / previous.pt / best.pt (+ batches.jsonl with --trace-batches). Ctrl-C (or SIGTERM) writes\n"
+            "last.pt; continue with --resume DIR, extend a finished run with --resume DIR --epochs N."),
         argument_default=argparse.SUPPRESS,  # only explicitly given flags reach the namespace
         formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, max_help_position=30, width=110),
     )
@@ -106,7 +108,14 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
             raise FileNotFoundError(f"--resume {args['resume']}: no config.json there (is it a run folder?)")
         base = json.loads(saved.read_text())
     base.update(args)
+    if not base.get("resume") and base.get("out") is None:  # never lose a run: it gets a folder of its own
+        base["out"] = default_out(base.get("mode", "online"))
     return TrainConfig.from_dict(base)
+
+
+def default_out(mode: str) -> str:
+    """``runs/<mode>-<date>-<time>`` (a second later, a new folder)."""
+    return f"runs/{mode}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_from_args(argv)
         trainer = Trainer(cfg)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     from spacedkd_fast.engine.distributed import shutdown

@@ -38,10 +38,10 @@ def _rank_env(rank: int, world: int, port: int) -> dict:
                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
 
 
-def _start(argv: list[str], world: int = 2) -> list[subprocess.Popen]:
+def _start(argv: list[str], world: int = 2, cwd=None) -> list[subprocess.Popen]:
     port = _free_port()
     return [subprocess.Popen(argv, env=_rank_env(r, world, port), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True) for r in range(world)]
+                             text=True, cwd=cwd) for r in range(world)]
 
 
 def _finish(procs, timeout=600) -> list[tuple[int, str, str]]:
@@ -115,9 +115,10 @@ def test_sigterm_to_one_rank_stops_both_and_resume_is_bit_identical(tmp_path):
     student, teacher, state = _student_teacher(run)
     assert state["world"] == 2 and 0 < state["position"]["t_iter"] < 48
     assert state["position"]["t_iter"] == int(stops[0])
-    rank_files = sorted((run / "ranks").glob("rank1-*.pt"))
-    assert [p.name for p in rank_files] == [f"rank1-{state['checkpoint_id']}.pt"]  # older ones were removed
-    rank1 = torch.load(rank_files[0], weights_only=True)
+    rank_files = {p.name for p in (run / "ranks").glob("rank1-*.pt")}
+    previous_id = torch.load(run / "previous.pt", weights_only=True)["checkpoint_id"]
+    assert rank_files == {f"rank1-{i}.pt" for i in (state["checkpoint_id"], previous_id)}  # older ones removed
+    rank1 = torch.load(run / "ranks" / f"rank1-{state['checkpoint_id']}.pt", weights_only=True)
     assert rank1["rank"] == 1 and rank1["checkpoint_id"] == state["checkpoint_id"]
     # Rank 1's window holds its own shard of the batches, not rank 0's.
     own, other = rank1["window"]["entries"], state["rank_state"]["window"]["entries"]
@@ -136,3 +137,28 @@ def test_sigterm_to_one_rank_stops_both_and_resume_is_bit_identical(tmp_path):
         assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
     epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2, 3]
+
+
+
+
+def test_ranks_write_to_rank_0s_output_folder(tmp_path):
+    """The default --out carries each rank's own clock; whatever the ranks were given, rank 0's folder wins."""
+    script = textwrap.dedent(f"""
+        import os
+        from spacedkd_fast.config import TrainConfig
+        from spacedkd_fast.engine import Trainer
+        from spacedkd_fast.engine.distributed import shutdown
+        out = r"{tmp_path}/given-by-rank" + os.environ["RANK"]
+        cfg = TrainConfig(epochs=1, subset=128, batch_size=32, eval_batch_size=128, space=0.5, threads=1,
+                          device="cpu", progress=False, out=out)
+        trainer = Trainer(cfg, log=lambda *a: None)
+        trainer.fit()
+        print("FOLDER", trainer.run_folder)
+        shutdown(trainer.dist)
+    """)
+    results = _finish(_start([sys.executable, "-c", script]))
+    for code, _, stderr in results:
+        assert code == 0, stderr[-3000:]
+    assert {line for _, out, _ in results for line in out.splitlines()} == {f"FOLDER {tmp_path}/given-by-rank0"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["given-by-rank0"]
+    assert [p.name for p in (tmp_path / "given-by-rank0" / "ranks").iterdir()][0].startswith("rank1-")

@@ -78,3 +78,18 @@ def test_describe_mentions_block_size():
     assert "N = 586" in SpacingSchedule(1.5, 391, 80).describe()
     assert "dropped" in SpacingSchedule(1.5, 391, 80, replay_tail=False).describe()
     assert "online KD" in SpacingSchedule(0, 391, 80).describe()
+
+
+def test_an_extended_run_keeps_its_blocks():
+    """A 2-epoch run extended to 4 epochs: its blocks (tail included) stay, the new ones start at its old end."""
+    short = SpacingSchedule(0.75, 8, 2)
+    extended = SpacingSchedule(0.75, 8, 4, boundaries=(2,))
+    assert extended.blocks[:len(short.blocks)] == short.blocks  # [0,6) [6,12) [12,16), the last a tail
+    later = extended.blocks[len(short.blocks):]
+    assert [(b.start, b.length) for b in later] == [(16, 6), (22, 6), (28, 4)]
+    plain = SpacingSchedule(0.75, 8, 4)
+    assert [(b.start, b.length) for b in plain.blocks][2] == (12, 6)  # without the boundary: no tail at 16
+    dropped = SpacingSchedule(0.75, 8, 4, replay_tail=False, boundaries=(2,))
+    assert [b.replay for b in dropped.blocks] == [True, True, False, True, True, False]
+    with pytest.raises(ValueError, match="boundaries must be increasing epochs"):
+        SpacingSchedule(0.75, 8, 4, boundaries=(4,))

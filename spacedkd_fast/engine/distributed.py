@@ -70,6 +70,15 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
     return bool(value.item())
 
 
+def broadcast_from_main(value, info: DistInfo):
+    """Rank 0's ``value`` (any picklable object) on every rank (a collective)."""
+    if not info.enabled:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0, group=info.control_group)
+    return box[0]
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier(group=info.control_group)

@@ -1,4 +1,10 @@
-"""Run outputs: config.json, metrics.jsonl, curves.png, batches.jsonl, last.pt (atomic), and the summary table."""
+"""Run outputs: config.json, metrics.jsonl, curves.png, batches.jsonl, checkpoints, and the summary table.
+
+Checkpoints never lose work: each is written atomically (temporary file, then rename); ``last.pt`` is the newest,
+``previous.pt`` the one before it (a crash while writing, or a truncated copy, leaves that one to resume from),
+``best.pt`` the weights at the best student test accuracy so far. A folder that holds another run is not written
+into unless asked (``overwrite``); resuming is the way to continue one.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +18,67 @@ import torch
 from torch import Tensor
 
 CHECKPOINT = "last.pt"
+PREVIOUS = "previous.pt"
+BEST = "best.pt"
+# What a run leaves in its folder (``ranks/``: DDP ranks' own checkpoint state).
+RUN_FILES = ("config.json", "metrics.jsonl", CHECKPOINT, PREVIOUS, BEST, "batches.jsonl", "curves.png", "ranks")
+
+
+def check_run_folder(folder: str | os.PathLike, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to start a new run in a folder that holds another one (``resume`` continues it instead).
+
+    Raises:
+        FileExistsError: naming the folder and what it holds, unless ``overwrite``.
+    """
+    folder = Path(folder)
+    if resume or not folder.is_dir():
+        return
+    found = [name for name in RUN_FILES if (folder / name).exists()]
+    if found and not overwrite:
+        raise FileExistsError(f"--out {folder} holds another run ({', '.join(found)}); continue it with --resume "
+                              f"{folder}, choose another --out, or pass --overwrite to replace it")
+
+
+def clear_run_folder(folder: str | os.PathLike) -> None:
+    """Remove what an earlier run left in ``folder`` (``--overwrite``); other files stay."""
+    import shutil
+
+    folder = Path(folder)
+    for name in RUN_FILES:
+        path = folder / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def load_checkpoint(folder: str | os.PathLike, log=print) -> tuple[dict, Path]:
+    """The newest readable checkpoint of a run folder: ``last.pt``, else (unreadable or missing) ``previous.pt``,
+    with one line saying why it fell back.
+
+    Raises:
+        FileNotFoundError: neither exists. ValueError: neither can be read (both reasons named).
+    """
+    folder = Path(folder)
+    problems = []
+    for name in (CHECKPOINT, PREVIOUS):
+        path = folder / name
+        if not path.exists():
+            problems.append(f"{name}: missing")
+            continue
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain containers only
+        except Exception as exc:  # noqa: BLE001 - a torn or foreign file raises many types
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            reason = reason.split(". ")[0][:160]  # torch's own message goes on for a paragraph
+            problems.append(f"{name}: unreadable ({type(exc).__name__}: {reason})")
+            continue
+        if problems:
+            log(f"spacedkd_fast: --resume {folder}: {problems[-1]}; resuming from {name} instead")
+        return state, path
+    if all(p.endswith("missing") for p in problems):
+        raise FileNotFoundError(f"--resume {folder}: there is no {CHECKPOINT} (or {PREVIOUS}) in that folder")
+    raise ValueError(f"--resume {folder}: no readable checkpoint: {'; '.join(problems)}")
 
 
 def batch_digest(images: Tensor, labels: Tensor) -> str:
@@ -64,9 +131,20 @@ class RunOutputs:
             self._batches.write(json.dumps(record) + "\n")
 
     def checkpoint(self, state: dict) -> Path | None:
+        """Write ``last.pt``; the one it replaces becomes ``previous.pt`` (a rename: never a half-written file)."""
         if self.folder is None:
             return None
         path = self.folder / CHECKPOINT
+        if path.exists():
+            os.replace(path, self.folder / PREVIOUS)
+        atomic_save(state, path)
+        return path
+
+    def best(self, state: dict) -> Path | None:
+        """Write ``best.pt`` (the weights at the best student test accuracy so far)."""
+        if self.folder is None:
+            return None
+        path = self.folder / BEST
         atomic_save(state, path)
         return path
 

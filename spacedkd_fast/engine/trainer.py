@@ -41,9 +41,24 @@ from spacedkd_fast.data.pipeline import derive_seed, make_source, select_data_ba
 from spacedkd_fast.data.producer import Prefetcher
 from spacedkd_fast.data.window import TierPlan, WindowCache
 from spacedkd_fast.engine import roles as R
-from spacedkd_fast.engine.distributed import DistInfo, all_reduce_sum, any_rank, barrier, init_distributed
+from spacedkd_fast.engine.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    any_rank,
+    barrier,
+    broadcast_from_main,
+    init_distributed,
+)
 from spacedkd_fast.engine.losses import Projector, SelfKDAdapters
-from spacedkd_fast.engine.outputs import CHECKPOINT, RunOutputs, atomic_save, summary_table
+from spacedkd_fast.engine.outputs import (
+    CHECKPOINT,
+    RunOutputs,
+    atomic_save,
+    check_run_folder,
+    clear_run_folder,
+    load_checkpoint,
+    summary_table,
+)
 from spacedkd_fast.models import build_model, is_distilled, is_multi_exit
 from spacedkd_fast.schedule import Block, SpacingSchedule
 
@@ -214,6 +229,8 @@ class Trainer:
         # ---- device, processes, threads ------------------------------------------------------------------------
         self.device = resolve_device(cfg.device)
         self.dist: DistInfo = init_distributed(self.device.type)
+        if self.dist.enabled and cfg.out is not None:  # a default --out carries each rank's own clock: use rank 0's
+            self.cfg = cfg = dataclasses.replace(cfg, out=broadcast_from_main(cfg.out, self.dist))
         if self.device.type == "cuda" and self.dist.enabled:
             self.device = torch.device("cuda", self.dist.local_rank)
         bind_device(self.device)
@@ -239,8 +256,9 @@ class Trainer:
 
         # ---- schedule and replay window ------------------------------------------------------------------------
         space = cfg.space if cfg.mode in ("online", "self") else 0.0
+        self.boundaries = _schedule_boundaries(resume_state, cfg)  # the lengths an extended run had before
         self.schedule = SpacingSchedule(space, self.iters_per_epoch, cfg.epochs, start_epoch=cfg.start_epoch,
-                                        replay_tail=cfg.replay_tail)
+                                        replay_tail=cfg.replay_tail, boundaries=self.boundaries)
         self._block_starts = [b.start for b in self.schedule.blocks]
         capacity = max(self.schedule.block_length, 1) + (OVERLAP_SLACK if self.overlap else 0)
         batch = self.source.local_batch_size(0)
@@ -312,7 +330,15 @@ class Trainer:
         self._prefetcher: Prefetcher | None = None
 
         # ---- outputs -------------------------------------------------------------------------------------------
-        self.run_folder = Path(cfg.out or cfg.resume) if (cfg.out or cfg.resume) else None  # on every rank
+        # On every rank (ranks > 0 write their own checkpoint state there). A resumed run stays in its folder.
+        self.run_folder = Path(cfg.resume) if cfg.resume else (Path(cfg.out) if cfg.out else None)
+        if self.run_folder is not None:
+            check_run_folder(self.run_folder, resume=resume_state is not None, overwrite=cfg.overwrite)
+            if cfg.overwrite and resume_state is None and self.dist.is_main:
+                clear_run_folder(self.run_folder)
+            barrier(self.dist)
+        self.best_acc: float | None = resume_state.get("best_acc") if resume_state is not None else None
+        self._checkpoint_ids: list[int] = []  # DDP rank files kept: those of last.pt and previous.pt
         self.outputs = RunOutputs(self.run_folder, enabled=self.dist.is_main, trace_batches=cfg.trace_batches,
                                   resume=resume_state is not None)
         self.outputs.write_config(cfg.to_dict())
@@ -365,6 +391,8 @@ class Trainer:
                  f"{len(self.dataset.test_labels)} test images), {self.device}"
                  f"{f' x{self.dist.world} ranks' if self.dist.enabled else ''}, "
                  f"{'overlapped' if self.overlap else 'sequential'}; {self._describe_schedule()}")
+        self.log(f"spacedkd_fast: outputs in {self.run_folder}" if self.run_folder is not None else
+                 "spacedkd_fast: no output folder (out=None): no metrics, no checkpoint, nothing to resume from")
         previous = self._install_signal_handlers()
         if self.overlap and self.device.type == "cuda":
             for role in (self.teacher, self.student):
@@ -609,6 +637,8 @@ class Trainer:
     def _evaluate(self, which: str, epoch: int) -> None:
         role = self.teacher if which == "teacher" else self.student
         counts, loss = self._measure(role, multi_exit=self.cfg.mode == "self")
+        if which == "student":
+            self._keep_if_best(counts, epoch)
         entry = self.pending.setdefault(epoch, {"epoch": epoch})
         entry.update({f"{which}_counts": counts, f"{which}_loss": loss, f"lr_{which}": role.last_lr})
         self._emit_ready()
@@ -619,10 +649,21 @@ class Trainer:
         if not epochs:
             return
         counts, loss = self._measure(self.student)
+        self._keep_if_best(counts, epochs[-1])
         for epoch in epochs:
             entry = self.pending.setdefault(epoch, {"epoch": epoch})
             entry.update(student_counts=counts, student_loss=loss, lr_student=self.student.last_lr)
         self._emit_ready()
+
+    def _keep_if_best(self, counts: torch.Tensor, epoch: int) -> None:
+        """Write best.pt when the student just measured beats every earlier evaluation (its weights as measured)."""
+        acc = _student_accuracy(counts.tolist(), multi_exit=self.cfg.mode == "self")
+        if self.best_acc is not None and acc <= self.best_acc:
+            return
+        self.best_acc = acc
+        if self.dist.is_main and self.run_folder is not None:
+            self.outputs.best({"format": CHECKPOINT_FORMAT, "config": self.cfg.to_dict(), "epoch": epoch,
+                               "student_acc": acc, "roles": {"student": _role_state(self.student)}})
 
     def _measure(self, role: R.Role, multi_exit: bool = False) -> tuple[torch.Tensor, float | None]:
         """Test-set counts (CPU tensor) and the role's mean training loss since the last call. Both are computed
@@ -657,9 +698,7 @@ class Trainer:
                 record["exit_acc"] = [c / counts[-1] for c in counts[:-2]]
                 record["ensemble_acc"] = counts[-2] / counts[-1]
                 record["teacher_acc"] = record["exit_acc"][0]  # the deepest exit
-                record["student_acc"] = max(record["exit_acc"][1:])  # the best shallow exit
-            else:
-                record["student_acc"] = counts[0] / counts[1]
+            record["student_acc"] = _student_accuracy(counts, multi_exit=self.cfg.mode == "self")
         if self.cfg.mode == "offline" and "teacher_acc" not in record:
             teacher_records = [r for r in self.history if "teacher_acc" in r]
             record["teacher_acc"] = teacher_records[-1]["teacher_acc"] if teacher_records else None
@@ -682,7 +721,7 @@ class Trainer:
         Under DDP the models, optimizers and schedule are the same on every rank, but the replay window (this
         rank's shard of the batches) and the random streams are not: ranks 1.. write theirs to
         ``ranks/rank<r>-<id>.pt`` first, then rank 0 writes last.pt naming that id, then the older rank files go.
-        A crash at any point leaves a last.pt whose rank files exist."""
+        A crash at any point leaves a last.pt (or previous.pt) whose rank files exist."""
         self._checkpoint_due = False
         if self.run_folder is None:
             return
@@ -701,6 +740,8 @@ class Trainer:
                 "config": self.cfg.to_dict(),
                 "world": self.dist.world,
                 "checkpoint_id": checkpoint_id,
+                "boundaries": list(self.boundaries),
+                "best_acc": self.best_acc,
                 "roles": {name: _role_state(role) for name, role in roles.items() if role is not None},
                 "position": {"t_iter": self.t_iter, "phase": self.phase, "s_block": self.s_block,
                              "s_offset": self.s_offset, "last_action": self._last_action, "actions": self.actions,
@@ -715,9 +756,11 @@ class Trainer:
             }
             self.outputs.checkpoint(state)
         barrier(self.dist)
+        self._checkpoint_ids = (self._checkpoint_ids + [checkpoint_id])[-2:]  # last.pt's and previous.pt's
         if self.dist.enabled and not self.dist.is_main:
+            keep = {f"rank{self.dist.rank}-{i}.pt" for i in self._checkpoint_ids}
             for old in rank_dir.glob(f"rank{self.dist.rank}-*.pt"):
-                if old.name != f"rank{self.dist.rank}-{checkpoint_id}.pt":
+                if old.name not in keep:
                     old.unlink(missing_ok=True)
 
     def _rank_state(self, checkpoint_id: int) -> dict:
@@ -735,10 +778,9 @@ class Trainer:
         }
 
     def _load_resume(self, cfg: TrainConfig) -> dict:
-        path = Path(cfg.resume) / CHECKPOINT
-        if not path.exists():
-            raise FileNotFoundError(f"--resume {cfg.resume}: there is no {CHECKPOINT} in that folder")
-        state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain containers only
+        state, path = load_checkpoint(cfg.resume, log=self.log)  # last.pt, or previous.pt if that one is torn
+        if not isinstance(state, dict) or "format" not in state:
+            raise ValueError(f"--resume {cfg.resume}: {path.name} is not a spacedkd_fast checkpoint")
         if state.get("format") == 1:  # a single-process checkpoint of the first format: same content, other places
             state = _upgrade_format_1(state)
         if state.get("format") != CHECKPOINT_FORMAT:
@@ -749,7 +791,12 @@ class Trainer:
         if differ:
             details = "; ".join(f"{f}: saved {getattr(saved, f)!r}, requested {getattr(cfg, f)!r}" for f in differ)
             raise ValueError(f"--resume {cfg.resume}: incompatible config, these fields differ from the saved run: "
-                             f"{details}")
+                             f"{details}" + (" (a run can be extended, not shortened)" if "epochs" in differ else ""))
+        if cfg.epochs > saved.epochs and cfg.mode == "offline":
+            raise ValueError(f"--resume {cfg.resume} --epochs {cfg.epochs}: an offline run cannot be extended (its "
+                             f"frozen teacher's phase has {saved.epochs} epochs)")
+        state["saved_epochs"] = saved.epochs
+        state["checkpoint_file"] = path.name
         return state
 
     def _load_rank_state(self, state: dict) -> dict:
@@ -768,7 +815,7 @@ class Trainer:
                                     f"(written beside {CHECKPOINT} by that rank)")
         rank_state = torch.load(path, map_location="cpu", weights_only=True)
         if rank_state.get("rank") != self.dist.rank or rank_state.get("checkpoint_id") != state["checkpoint_id"]:
-            raise ValueError(f"--resume {self.cfg.resume}: {path} does not belong to {CHECKPOINT}")
+            raise ValueError(f"--resume {self.cfg.resume}: {path} does not belong to {state['checkpoint_file']}")
         return rank_state
 
     def _restore(self, state: dict) -> None:
@@ -789,11 +836,14 @@ class Trainer:
         self.history = state["history"]
         self.pending = {e: dict(entry) for e, entry in state["pending"].items()}
         self.images_seen, self.elapsed_before = state["images_seen"], state["elapsed"]
+        self._checkpoint_ids = [state["checkpoint_id"]]
         torch.set_rng_state(rank_state["rng"]["cpu"])
         if rank_state["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rank_state["rng"]["cuda"])
-        self.log(f"spacedkd_fast: resuming {self.cfg.resume} at teacher iteration {self.t_iter} "
-                 f"(epoch {self.t_iter / self.iters_per_epoch:.2f} of the {self.phase} phase)")
+        extended = f"; extended from {state['saved_epochs']} to {self.cfg.epochs} epochs" if (
+            state["saved_epochs"] < self.cfg.epochs) else ""
+        self.log(f"spacedkd_fast: resuming {self.cfg.resume} from {state['checkpoint_file']} at teacher iteration "
+                 f"{self.t_iter} (epoch {self.t_iter / self.iters_per_epoch:.2f} of the {self.phase} phase){extended}")
 
     # =================================================================================================== display
     def _describe_schedule(self) -> str:
@@ -838,6 +888,24 @@ def _load_role_state(role: R.Role, saved: dict, rank_saved: dict, device: torch.
     role.rng_state = rank_saved["rng"]
     loss_sum, role.loss_count = rank_saved["loss"]
     role.loss_sum = loss_sum.to(device) if loss_sum is not None else None
+
+
+def _student_accuracy(counts: list, multi_exit: bool) -> float:
+    """The student's test accuracy from evaluation counts: ``[correct, total]``, or for a BYOT network
+    ``[exit_0, ..., exit_{E-1}, ensemble, total]``, whose student is its best shallow exit."""
+    if multi_exit:
+        return max(c / counts[-1] for c in counts[1:-2])
+    return counts[0] / counts[1]
+
+
+def _schedule_boundaries(resume_state: dict | None, cfg: TrainConfig) -> tuple[int, ...]:
+    """Epochs at which earlier, shorter schedules of this run ended (``--resume DIR --epochs N`` extends one)."""
+    if resume_state is None:
+        return ()
+    boundaries = tuple(resume_state.get("boundaries", ()))
+    if resume_state["saved_epochs"] < cfg.epochs:
+        boundaries += (resume_state["saved_epochs"],)
+    return boundaries
 
 
 def _upgrade_format_1(state: dict) -> dict:
