@@ -57,6 +57,10 @@ class TrainConfig:
                                     "ImageFolder root with train/ and val/)", metavar="DIR")
     image_size: int | None = _f(None, "resize decoded image datasets to this size (px); default 64 for "
                                       "tiny-imagenet/imagefolder (224 for a streamed imagefolder)", metavar="PX")
+    val_fraction: float | None = _f(None, "imagefolder in torchvision's root/<class>/ layout: hold out this share "
+                                          "of every class (stratified) as the test split", metavar="F")
+    split_seed: int = _f(0, "seed of the --val-fraction split (independent of --seed, so runs share a split)",
+                         metavar="N")
     stream: bool | None = _f(None, "stream tiny-imagenet / imagefolder from disk, decoding each batch when it is "
                                    "needed (default: with the DALI backend; otherwise the folder is decoded into "
                                    "memory)")
@@ -147,6 +151,8 @@ class TrainConfig:
                 bad(name, ">= 0 (GB)")
         if self.prefetch is not None and self.prefetch < 0:
             bad("prefetch", ">= 0")
+        if self.val_fraction is not None and not 0 < self.val_fraction < 1:
+            bad("val_fraction", "in (0, 1)")
         for name in ("epochs", "batch_size", "eval_batch_size"):
             if getattr(self, name) < 1:
                 bad(name, ">= 1")

@@ -29,7 +29,8 @@ from spacedkd_fast.models import MODEL_NAMES
 
 GROUPS = {
     "what to train": ("mode", "space", "start_epoch", "replay_tail", "model", "teacher_model", "student_model"),
-    "data": ("dataset", "data_dir", "image_size", "stream", "subset", "epochs", "batch_size", "eval_batch_size"),
+    "data": ("dataset", "data_dir", "image_size", "val_fraction", "split_seed", "stream", "subset", "epochs",
+             "batch_size", "eval_batch_size"),
     "optimization (each network has its own optimizer)": (
         "optimizer", "lr", "momentum", "weight_decay", "lr_schedule", "warmup_epochs", "min_lr", "lr_milestones",
         "lr_gamma"),

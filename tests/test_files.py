@@ -508,3 +508,42 @@ def test_torch_renderer_resizes_on_its_pool(pngs, monkeypatch):
         assert torch.equal(r.train_batch(files, params), expected)
         r.eval_batch(files)
     assert len(threads) == 2 * len(files) and all(name.startswith("spacedkd-render") for name in threads), threads
+
+
+def make_class_folders(root, per_class=(10, 7, 2, 1)):
+    """torchvision's ``root/<class>/*``: classes c0, c1, ... with the given file counts (PNGs)."""
+    for c, count in enumerate(per_class):
+        for i in range(count):
+            save_image(root / f"c{c}" / f"{i:02d}.png", smooth_image(12, 14, seed=10 * c + i), "PNG")
+
+
+def test_class_folders_split_by_val_fraction(tmp_path):
+    from spacedkd_fast.data import load_dataset
+
+    make_class_folders(tmp_path)
+    data = scan_folder_dataset("imagefolder", tmp_path, image_size=8, val_fraction=0.3, split_seed=1)
+    test_counts = torch.bincount(data.test_labels, minlength=4).tolist()
+    assert test_counts == [3, 2, 1, 0]  # round(0.3·n), at least one, never the whole class; a lone file trains
+    assert sorted(data.train_files + data.test_files) == sorted(str(p) for p in tmp_path.rglob("*.png"))
+    assert not set(data.train_files) & set(data.test_files) and data.classes == ("c0", "c1", "c2", "c3")
+    again = scan_folder_dataset("imagefolder", tmp_path, image_size=8, val_fraction=0.3, split_seed=1)
+    other = scan_folder_dataset("imagefolder", tmp_path, image_size=8, val_fraction=0.3, split_seed=2)
+    assert again.test_files == data.test_files and other.test_files != data.test_files
+    in_memory = load_dataset("imagefolder", tmp_path, image_size=8, val_fraction=0.3, split_seed=1)
+    assert torch.equal(in_memory.test_labels, data.test_labels) and len(in_memory.train_labels) == 14
+
+
+def test_class_folders_split_errors(tmp_path):
+    from spacedkd_fast.data import load_dataset
+
+    make_class_folders(tmp_path / "flat")
+    with pytest.raises(ValueError, match=r"holds class folders \(c0, c1, c2, c3\) but no train/ and val/ splits: "
+                                         r"pass --val-fraction"):
+        scan_folder_dataset("imagefolder", tmp_path / "flat")
+    make_imagefolder(tmp_path / "split")
+    with pytest.raises(ValueError, match="has its own train/ and val/ splits; --val-fraction"):
+        load_dataset("imagefolder", tmp_path / "split", val_fraction=0.2)
+    with pytest.raises(ValueError, match=r"--val-fraction must be a number in \(0, 1\), got 1.5"):
+        scan_folder_dataset("imagefolder", tmp_path / "flat", val_fraction=1.5)
+    with pytest.raises(ValueError, match="has its own test split"):
+        load_dataset("embedded", val_fraction=0.1)

@@ -124,3 +124,19 @@ def test_torchrun_two_cpu_processes_with_gloo(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
     assert all(0 <= r["student_acc"] <= 1 for r in records)
+
+
+def test_a_torchvision_style_folder_trains_with_a_recorded_split(tmp_path):
+    from test_files import make_class_folders
+
+    make_class_folders(tmp_path / "data", per_class=(12, 12, 12))
+    out = tmp_path / "run"
+    result = cli("--dataset", "imagefolder", "--data-dir", str(tmp_path / "data"), "--val-fraction", "0.25",
+                 "--image-size", "16", "--batch-size", "9", "--epochs", "1", "--space", "0.5", "--threads", "1",
+                 "--out", str(out), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert config["val_fraction"] == 0.25 and config["split_seed"] == 0
+    assert "27 train / 9 test images" in result.stdout
+    missing = cli("--dataset", "imagefolder", "--data-dir", str(tmp_path / "data"), "--no-progress")
+    assert missing.returncode == 2 and "pass --val-fraction" in missing.stderr

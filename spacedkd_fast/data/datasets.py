@@ -66,6 +66,7 @@ CIFAR100_LAYOUT = ("cifar-100-python/ with train, test, meta (the python version
 TINY_IMAGENET_LAYOUT = ("tiny-imagenet-200/ with wnids.txt, train/<wnid>/images/*.JPEG, val/images/*.JPEG and "
                         "val/val_annotations.txt (tab-separated: filename, wnid, 4 bbox ints)")
 IMAGEFOLDER_LAYOUT = ("root/train/<class>/*.{jpg,jpeg,png,bmp} and root/val/<class>/* (or root/test/<class>/*), "
+                      "or root/<class>/* with --val-fraction, "
                       "the same class folders in both")
 
 
@@ -166,8 +167,8 @@ def canonical_dataset_name(name: str) -> str:
     return name.strip().lower().replace("_", "-")
 
 
-def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, image_size: int | None = None
-                 ) -> ImageDataset:
+def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, image_size: int | None = None,
+                 val_fraction: float | None = None, split_seed: int = 0) -> ImageDataset:
     """Read a dataset into memory.
 
     Args:
@@ -177,6 +178,8 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, image_
         image_size: side S of the decoded square images for ``"tiny-imagenet"`` (bilinear resize, default 64:
             the native size) and ``"imagefolder"`` (shorter side resized to S, then centre crop; default 64).
             The other datasets have a fixed size and accept only None or that size.
+        val_fraction / split_seed: ``"imagefolder"`` in torchvision's ``root/<class>/*`` layout: hold out this
+            share of every class (stratified, seeded by ``split_seed``) as the test split.
 
     Returns:
         An :class:`ImageDataset` (uint8 images on the CPU, int64 labels, train mean/std, augmentation recipe).
@@ -196,6 +199,10 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, image_
                                    or image_size < 1):
         raise ValueError(f"load_dataset: image_size must be a positive int or None, got {image_size!r}")
 
+    check_val_fraction(val_fraction)
+    if val_fraction is not None and canonical != "imagefolder":
+        raise ValueError(f"load_dataset: --val-fraction splits an imagefolder root/<class>/ folder; {canonical!r} "
+                         f"has its own test split")
     if canonical == "embedded":
         _check_fixed_size(canonical, image_size, 32)
         return _load_embedded()
@@ -215,7 +222,7 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, image_
         return _load_cifar(canonical, root)
     if canonical == "tiny-imagenet":
         return _load_tiny_imagenet(root, image_size or DEFAULT_IMAGE_SIZE)
-    return _load_imagefolder(root, image_size or DEFAULT_IMAGE_SIZE)
+    return _load_imagefolder(root, image_size or DEFAULT_IMAGE_SIZE, val_fraction, split_seed)
 
 
 # ---- shared helpers ----------------------------------------------------------------------------------------------
@@ -377,6 +384,52 @@ def read_digits_csv(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     if not_integral or pixels.min() < 0 or pixels.max() > 255 or labels.min() < 0:
         raise ValueError(f"digits file {str(path)!r}: pixels must be integers in [0, 255] and labels integers >= 0")
     return pixels.astype(np.uint8).reshape(-1, 28, 28), labels.astype(np.int64)
+
+
+def check_val_fraction(val_fraction) -> None:
+    if val_fraction is not None and (isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float))
+                                     or not 0 < val_fraction < 1):
+        raise ValueError(f"--val-fraction must be a number in (0, 1), got {val_fraction!r}")
+
+
+def _split_class_folders(root: Path, where: str, val_fraction: float | None, split_seed: int):
+    """torchvision's ``root/<class>/*``: every class's files, ``val_fraction`` of each held out for testing."""
+    classes = _class_folders(root)
+    if val_fraction is None:
+        raise ValueError(f"{where}: {str(root)!r} holds class folders ({', '.join(classes[:5])}"
+                         f"{', ...' if len(classes) > 5 else ''}) but no train/ and val/ splits: pass --val-fraction "
+                         f"F (e.g. 0.1) to hold out a stratified share of every class as the test split")
+    paths, labels = [], []
+    for label, cls in enumerate(classes):
+        files = _list_images(root / cls)
+        if not files:
+            raise FileNotFoundError(f"{where}: class folder {str(root / cls)!r} has no "
+                                    f"{'/'.join(IMAGE_EXTENSIONS)} files")
+        paths += files
+        labels += [label] * len(files)
+    train_idx, test_idx = stratified_fraction_split(np.asarray(labels), val_fraction, split_seed)
+    return classes, ([paths[i] for i in train_idx], [labels[i] for i in train_idx]), (
+        [paths[i] for i in test_idx], [labels[i] for i in test_idx])
+
+
+def stratified_fraction_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic stratified split holding out ``round(fraction · n)`` samples of every class of n ≥ 2 samples
+    (at least 1, at most n − 1; a class of one sample stays in training), drawn as :func:`stratified_split` draws.
+
+    Returns:
+        ``(train_indices, test_indices)``, sorted ``int64`` arrays (file order is kept within a split).
+    """
+    rng = np.random.default_rng(seed)
+    test = [np.zeros(0, dtype=np.int64)]
+    for cls in np.unique(labels):
+        members = np.flatnonzero(labels == cls)
+        keys = rng.random(members.size)
+        k = min(max(round(fraction * members.size), 1), members.size - 1)
+        test.append(members[np.argsort(keys, kind="stable")[:k]])
+    test_idx = np.sort(np.concatenate(test))
+    train_mask = np.ones(labels.size, dtype=bool)
+    train_mask[test_idx] = False
+    return np.flatnonzero(train_mask), test_idx
 
 
 def stratified_split(labels: np.ndarray, test_per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -604,9 +657,9 @@ def _class_folders(split_dir: Path) -> list[str]:
     return sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
-def _load_imagefolder(root: Path, size: int) -> ImageDataset:
+def _load_imagefolder(root: Path, size: int, val_fraction: float | None, split_seed: int) -> ImageDataset:
     name = "imagefolder"
-    classes, *split_lists = scan_imagefolder(root, f"load_dataset({name!r})")
+    classes, *split_lists = scan_imagefolder(root, f"load_dataset({name!r})", val_fraction, split_seed)
     splits = dict(zip(("train", "test"), split_lists))
     _check_decoded_size(name, sum(len(p) for p, _ in splits.values()), size)
     train, test = (
@@ -668,10 +721,20 @@ def scan_tiny_imagenet(data_dir: Path, where: str):
     return classes, (train_paths, train_labels), ([val_dir / f for f in names], [val[f] for f in names])
 
 
-def scan_imagefolder(root: Path, where: str):
+def scan_imagefolder(root: Path, where: str, val_fraction: float | None = None, split_seed: int = 0):
     """``(classes, (train paths, labels), (val-or-test paths, labels))`` of an ImageFolder root; errors start
-    with ``where``."""
+    with ``where``.
+
+    Two layouts: ``root/train/<class>/*`` with ``root/val/<class>/*`` (or ``test/``); or torchvision's
+    ``root/<class>/*`` with ``val_fraction`` of every class held out, by :func:`stratified_fraction_split` with
+    ``split_seed`` (the same split on every machine)."""
+    check_val_fraction(val_fraction)
     test_dir = next((root / s for s in ("val", "test") if (root / s).is_dir()), None)
+    if (root / "train").is_dir() and test_dir is not None and val_fraction is not None:
+        raise ValueError(f"{where}: {str(root)!r} has its own train/ and {test_dir.name}/ splits; --val-fraction "
+                         f"splits a root/<class>/ folder (leave it unset)")
+    if not (root / "train").is_dir() and test_dir is None and _class_folders(root):
+        return _split_class_folders(root, where, val_fraction, split_seed)
     if not (root / "train").is_dir() or test_dir is None:
         missing = [s for s, ok in (("train/", (root / "train").is_dir()), ("val/ (or test/)", test_dir is not None))
                    if not ok]

@@ -313,7 +313,8 @@ class FileDataset:
                 f"image_size={self.image_size}, num_classes={self.num_classes}, crop={self.crop})")
 
 
-def scan_folder_dataset(name: str, data_dir: str | os.PathLike, *, image_size: int = 224) -> FileDataset:
+def scan_folder_dataset(name: str, data_dir: str | os.PathLike, *, image_size: int = 224,
+                        val_fraction: float | None = None, split_seed: int = 0) -> FileDataset:
     """List the files of a folder dataset (no decoding): the streaming counterpart of ``load_dataset``.
 
     Args:
@@ -322,6 +323,8 @@ def scan_folder_dataset(name: str, data_dir: str | os.PathLike, *, image_size: i
             ``_`` and ``-`` interchangeable.
         data_dir: the dataset folder or its parent.
         image_size: S, the side of the rendered batches (training crops and evaluation).
+        val_fraction / split_seed: as :func:`~spacedkd_fast.data.datasets.load_dataset` (a ``root/<class>/*``
+            imagefolder split into train and test; the same split as the in-memory loader).
 
     Returns:
         A :class:`FileDataset` with the same files, order and labels as ``load_dataset(name, data_dir)``.
@@ -347,8 +350,15 @@ def scan_folder_dataset(name: str, data_dir: str | os.PathLike, *, image_size: i
     if not root.is_dir():
         raise FileNotFoundError(f"scan_folder_dataset: data_dir {str(root)!r} for {canonical!r} is not a "
                                 f"directory; expected {layout}")
-    scan = scan_tiny_imagenet if canonical == "tiny-imagenet" else scan_imagefolder
-    classes, (train_paths, train_labels), (test_paths, test_labels) = scan(root, f"scan_folder_dataset({canonical!r})")
+    where = f"scan_folder_dataset({canonical!r})"
+    if canonical == "tiny-imagenet":
+        if val_fraction is not None:
+            raise ValueError(f"{where}: --val-fraction splits an imagefolder root/<class>/ folder; tiny-imagenet has "
+                             f"its own val split")
+        scanned = scan_tiny_imagenet(root, where)
+    else:
+        scanned = scan_imagefolder(root, where, val_fraction, split_seed)
+    classes, (train_paths, train_labels), (test_paths, test_labels) = scanned
     return FileDataset(name=canonical, train_files=tuple(str(p) for p in train_paths),
                        train_labels=torch.tensor(train_labels, dtype=torch.int64),
                        test_files=tuple(str(p) for p in test_paths),

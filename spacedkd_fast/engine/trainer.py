@@ -193,10 +193,11 @@ def load_training_data(cfg: TrainConfig, data_backend: str):
     if stream and not folder:
         raise ValueError(f"--stream applies to folder datasets ({', '.join(FILE_DATASET_NAMES)}), not "
                          f"{cfg.dataset!r}")
+    split = dict(val_fraction=cfg.val_fraction, split_seed=cfg.split_seed)
     if stream:
         default_size = 64 if name == "tiny-imagenet" else 224
-        return scan_folder_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size or default_size)
-    return load_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size)
+        return scan_folder_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size or default_size, **split)
+    return load_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size, **split)
 
 
 def subset_dataset(dataset, n: int):
