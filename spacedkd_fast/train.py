@@ -28,7 +28,8 @@ from spacedkd_fast.config import RECIPES, TrainConfig, config_fields
 from spacedkd_fast.models import MODEL_NAMES
 
 GROUPS = {
-    "what to train": ("mode", "space", "start_epoch", "replay_tail", "model", "teacher_model", "student_model"),
+    "what to train": ("mode", "space", "start_epoch", "replay_tail", "model", "teacher_model", "student_model",
+                      "teacher_weights"),
     "data": ("dataset", "data_dir", "image_size", "val_fraction", "split_seed", "stream", "subset", "epochs",
              "batch_size", "eval_batch_size"),
     "optimization (each network has its own optimizer)": (

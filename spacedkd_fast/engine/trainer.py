@@ -60,6 +60,7 @@ from spacedkd_fast.engine.outputs import (
     summary_table,
 )
 from spacedkd_fast.models import build_model, is_distilled, is_multi_exit
+from spacedkd_fast.models.weights import load_weights
 from spacedkd_fast.schedule import Block, SpacingSchedule
 
 CHECKPOINT_FORMAT = 2  # 2: per-rank state (window, random streams) beside the shared one; 1 is read too
@@ -270,6 +271,9 @@ class Trainer:
                                   storage=cfg.window_storage, tiers=tiers, regenerate=self.source.regenerate)
 
         # ---- models and roles ----------------------------------------------------------------------------------
+        if cfg.teacher_weights and cfg.mode in ("self", "base"):
+            raise ValueError(f"--teacher-weights: --mode {cfg.mode} trains no separate teacher (use online or "
+                             f"offline)")
         self.teacher: R.Role | None = None
         channels, size = self.source.image_shape[0], self.source.image_shape[1]
         if cfg.mode == "self":
@@ -295,6 +299,8 @@ class Trainer:
                                  f"learn nothing (use {plain[cfg.student_arch]!r})")
             if cfg.mode != "base":
                 teacher_net = self._build(cfg.teacher_arch, "teacher", channels, size)
+                if cfg.teacher_weights:
+                    load_weights(teacher_net, cfg.teacher_weights)
                 self.teacher = self._role("teacher", teacher_net, None)
             student_net = self._build(cfg.student_arch, "student", channels, size)
             projector = None
@@ -311,7 +317,11 @@ class Trainer:
 
         # ---- run state -----------------------------------------------------------------------------------------
         self.t_iter = 0  # next teacher iteration (per phase in offline mode)
-        self.phase = "teacher"  # offline mode: "teacher", then "student"
+        # Offline mode: "teacher", then "student"; a teacher given by --teacher-weights is trained already.
+        self.phase = "student" if cfg.mode == "offline" and cfg.teacher_weights else "teacher"
+        self._frozen_teacher_acc: float | None = None  # offline with --teacher-weights: measured once
+        if self.phase == "student" and self.teacher is not None:
+            self.teacher.net.eval()
         self.s_block = self._next_replayed(0)  # the block the student replays next
         self.s_offset = 0  # the student's position inside it
         self.online_outputs: dict[int, tuple] = {}  # s = 0: the teacher outputs waiting for the student
@@ -402,6 +412,9 @@ class Trainer:
         self._record_clock = (self._start, self.images_seen, self.data_wait_s)
         if self.cfg.mode == "online" and self.actions == 0:
             self._student_evals(None)  # epochs that end before the first replay evaluate the untrained student
+        if self.cfg.mode == "offline" and self.cfg.teacher_weights:
+            counts, _ = self._measure(self.teacher)  # the given teacher, once (it is not trained here)
+            self._frozen_teacher_acc = counts[0].item() / counts[1].item()
         progress = self._progress_bar()
         self._start_prefetcher()
         try:
@@ -572,6 +585,11 @@ class Trainer:
                     self._student_evals(block)
                 self.s_block, self.s_offset = self._next_replayed(self.s_block + 1), 0
 
+    @property
+    def _student_epoch_offset(self) -> int:
+        """Offline mode numbers the student's epochs after the teacher's (none when the teacher came trained)."""
+        return self.cfg.epochs if self.cfg.mode == "offline" and not self.cfg.teacher_weights else 0
+
     def _data_iteration(self) -> int:
         """Index of the teacher's next fresh batch in the data stream (offline's student phase reads epochs
         E..2E-1 of it, fresh batches of its own)."""
@@ -633,7 +651,7 @@ class Trainer:
                 self.phase, self.t_iter, self.evaluated_through = "student", 0, 0
                 self.teacher.net.eval()
         else:
-            self._evaluate("student", epoch + (cfg.epochs if cfg.mode == "offline" else 0))
+            self._evaluate("student", epoch + self._student_epoch_offset)
 
     def _evaluate(self, which: str, epoch: int) -> None:
         role = self.teacher if which == "teacher" else self.student
@@ -702,7 +720,7 @@ class Trainer:
             record["student_acc"] = _student_accuracy(counts, multi_exit=self.cfg.mode == "self")
         if self.cfg.mode == "offline" and "teacher_acc" not in record:
             teacher_records = [r for r in self.history if "teacher_acc" in r]
-            record["teacher_acc"] = teacher_records[-1]["teacher_acc"] if teacher_records else None
+            record["teacher_acc"] = teacher_records[-1]["teacher_acc"] if teacher_records else self._frozen_teacher_acc
         now = time.perf_counter()
         start, seen, waited = self._record_clock
         record["images_per_s"] = (self.images_seen - seen) / max(now - start, 1e-9)
@@ -859,7 +877,7 @@ class Trainer:
         """Optimizer steps of the whole run (the progress bar's total)."""
         total = self.schedule.total_iterations
         if self.cfg.mode == "offline":
-            return 2 * total
+            return total + self._student_epoch_offset * self.iters_per_epoch
         if self.cfg.mode == "base":
             return total
         return total + sum(b.length for b in self.schedule.blocks if self._replays(b))

@@ -14,6 +14,7 @@ Families:
     deit_tiny, vit_tiny_32, vit_micro_32   DeiT-style ViTs (patch 16 / 4 / 4; dim 192 / 192 / 64; depth 12 / 12 / 4),
                                            each with a *_distilled twin; image_size a multiple of the patch, and
                                            the model then takes exactly that size (position embeddings)
+    timm:NAME, torchvision:NAME            any classifier of those packages, untrained (spacedkd_fast.models.ecosystem)
 
 Single-exit contract (resnet*, imagenet_resnet*, deit_tiny, vit_tiny_32, vit_micro_32):
     forward(x) -> logits (B, num_classes)
@@ -48,6 +49,7 @@ from numbers import Integral
 from torch import nn
 
 from spacedkd_fast.models.byot import BYOT_LAYOUTS, ByotResNet, byot_resnet
+from spacedkd_fast.models.ecosystem import build_ecosystem_model, is_ecosystem
 from spacedkd_fast.models.imagenet import TORCHVISION_ARCHS, ImageNetResNet, imagenet_resnet
 from spacedkd_fast.models.resnet_cifar import RESNET_LAYOUTS, CifarResNet, cifar_resnet
 from spacedkd_fast.models.vit import VIT_LAYOUTS, VisionTransformer, vit
@@ -87,9 +89,16 @@ MODEL_NAMES: tuple[str, ...] = tuple(sorted(_REGISTRY))
 
 def _entry(caller: str, name) -> _Entry:
     entry = _REGISTRY.get(name) if isinstance(name, str) else None
+    if entry is None and is_ecosystem(name):
+        return _ECOSYSTEM
     if entry is None:
-        raise ValueError(f"{caller}: unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
+        raise ValueError(f"{caller}: unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}, or "
+                         f"timm:NAME / torchvision:NAME")
     return entry
+
+
+_ECOSYSTEM = _Entry(lambda name, *, num_classes, in_channels: build_ecosystem_model(
+    name, num_classes=num_classes, in_channels=in_channels), 1, "", False)
 
 
 def _check_int(name: str, value, low: int, why: str = "") -> int:
@@ -104,7 +113,8 @@ def build_model(name: str, *, num_classes: int, in_channels: int = 3, image_size
     """Build a registered model, freshly initialized from the global torch RNG (nothing is downloaded).
 
     Args:
-        name: one of :data:`MODEL_NAMES`.
+        name: one of :data:`MODEL_NAMES`, or ``timm:NAME`` / ``torchvision:NAME`` (an untrained model of that
+            package behind the single-exit contract; the package must be installed).
         num_classes: size of the logits, ≥ 2.
         in_channels: channels of the input images, ≥ 1 (1 for grayscale).
         image_size: side of the (square) training images, checked against what the model can take: ≥ 8 for the
