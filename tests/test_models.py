@@ -66,8 +66,8 @@ def test_unknown_name_lists_every_choice():
             fn("resnet19", **kwargs)
         message = str(info.value)
         assert message.startswith(f"{fn.__name__}:")
-        listed = message.split("choose one of: ")[1].split(", ")
-        assert tuple(listed) == MODEL_NAMES
+        listed, ecosystem = message.split("choose one of: ")[1].split("; or ")
+        assert tuple(listed.split(", ")) == MODEL_NAMES and ecosystem == "timm:NAME / torchvision:NAME"
 
 
 @pytest.mark.parametrize(

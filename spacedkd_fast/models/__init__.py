@@ -92,7 +92,7 @@ def _entry(caller: str, name) -> _Entry:
     if entry is None and is_ecosystem(name):
         return _ECOSYSTEM
     if entry is None:
-        raise ValueError(f"{caller}: unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}, or "
+        raise ValueError(f"{caller}: unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}; or "
                          f"timm:NAME / torchvision:NAME")
     return entry
 
