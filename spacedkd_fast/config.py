@@ -136,6 +136,9 @@ class TrainConfig:
                                   "--epochs, extend a finished run", metavar="DIR")
     overwrite: bool = _f(False, "let --out replace the run a folder already holds (otherwise refused)")
     trace_batches: bool = _f(False, "write batches.jsonl: one record per optimizer step with the sha1 of its batch")
+    log_every: int = _f(50, "every N optimizer steps of each role, a step record (loss, lr, images/s) in "
+                            "metrics.jsonl and steps.csv (0: epoch records only)", metavar="N")
+    tensorboard: bool = _f(False, "also write TensorBoard event files to <out>/tensorboard (needs tensorboard)")
     progress: bool = _f(True, "show a progress bar")
     recipe: str | None = _f(None, "apply a named recipe before the explicit flags (paper: the official online-CNN "
                                   "hyperparameters and loss quirks; paper-vit: the official DeiT-Ti setup)",
@@ -155,6 +158,8 @@ class TrainConfig:
                 bad(name, ">= 0 (GB)")
         if self.prefetch is not None and self.prefetch < 0:
             bad("prefetch", ">= 0")
+        if self.log_every < 0:
+            bad("log_every", ">= 0 steps (0: no step records)")
         if self.val_fraction is not None and not 0 < self.val_fraction < 1:
             bad("val_fraction", "in (0, 1)")
         for name in ("epochs", "batch_size", "eval_batch_size"):
@@ -236,7 +241,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 # Fields whose value differs between two configs without making a resume incompatible.
 RESUME_MUTABLE = {"resume", "out", "progress", "device", "threads", "trace_batches", "overlap", "eval_batch_size",
                   "compile", "recipe", "prefetch", "window_budget", "host_budget", "window_storage", "tf32",
-                  "deterministic", "overwrite"}
+                  "deterministic", "overwrite", "log_every", "tensorboard"}
 
 
 def config_fields() -> tuple[dataclasses.Field, ...]:

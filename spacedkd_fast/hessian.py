@@ -313,8 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load_checkpoint(argument: str) -> tuple[Path, dict]:
+    from spacedkd_fast.engine.checkpoint import READABLE_FORMATS
     from spacedkd_fast.engine.outputs import CHECKPOINT
-    from spacedkd_fast.engine.trainer import READABLE_FORMATS
 
     path = Path(argument)
     if path.is_dir():
@@ -345,8 +345,8 @@ def _load_target(argument: str, role: str, samples: int, batch_size: int, device
     from spacedkd_fast.config import TrainConfig
     from spacedkd_fast.data import load_dataset
     from spacedkd_fast.data.augment import normalize
+    from spacedkd_fast.engine.feeds import subset_dataset
     from spacedkd_fast.engine.roles import FeatureForward
-    from spacedkd_fast.engine.trainer import subset_dataset
     from spacedkd_fast.models import build_model, is_multi_exit
 
     path, state = _load_checkpoint(argument)
@@ -359,6 +359,12 @@ def _load_target(argument: str, role: str, samples: int, batch_size: int, device
         raise ValueError(f"--model {role}: this checkpoint (mode {cfg.mode!r}) has no {role}; available: "
                          f"{', '.join(sorted(roles))}")
     arch = cfg.teacher_arch if role == "teacher" else cfg.student_arch
+    custom = [what for what, name in (("model", arch), ("dataset", cfg.dataset)) if name.startswith("custom:")]
+    if custom:
+        raise ValueError(f"--checkpoint {argument}: the run's {' and '.join(custom)} came from Python "
+                         f"({arch if 'model' in custom else cfg.dataset}), which this command cannot rebuild; load "
+                         f"last.pt['roles'][{role!r}]['model'] into spacedkd_fast.engine.roles.FeatureForward(your "
+                         f"module) and call spacedkd_fast.hessian.hessian_trace(model, batches)")
 
     dataset = load_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size)
     if cfg.subset is not None:
@@ -396,7 +402,7 @@ def hessian_trace_of_checkpoint(checkpoint: str | Path, *, role: str = "student"
                                 probes: int = 100, batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0,
                                 device: str = "auto", progress: bool = False) -> TraceEstimate:
     """``python -m spacedkd_fast.hessian`` from Python: the trace estimate of a run's ``role`` network."""
-    from spacedkd_fast.engine.trainer import resolve_device
+    from spacedkd_fast.engine.runtime import resolve_device
 
     target = _load_target(str(checkpoint), role, samples, batch_size, resolve_device(device))
     return hessian_trace(target.model, target.batches, probes=probes, seed=seed, progress=progress)
@@ -423,7 +429,7 @@ def format_result(estimate: TraceEstimate, role: str, run: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from spacedkd_fast.engine.trainer import resolve_device
+    from spacedkd_fast.engine.runtime import resolve_device
 
     args = build_parser().parse_args(argv)
     try:

@@ -40,7 +40,7 @@ GROUPS = {
     "execution": ("device", "precision", "channels_last", "compile", "tf32", "deterministic", "overlap",
                   "seed", "threads"),
     "data path": ("data_backend", "prefetch", "window_budget", "host_budget", "window_storage"),
-    "outputs": ("out", "resume", "overwrite", "trace_batches", "progress", "recipe"),
+    "outputs": ("out", "resume", "overwrite", "log_every", "tensorboard", "trace_batches", "progress", "recipe"),
 }
 
 

@@ -12,7 +12,7 @@ import torch
 
 from spacedkd_fast.config import TrainConfig
 from spacedkd_fast.engine import roles as R
-from spacedkd_fast.engine import trainer as T
+from spacedkd_fast.engine import runtime as T
 
 
 @pytest.fixture
@@ -98,7 +98,7 @@ def test_evaluation_reads_nothing_back_per_batch():
         def forward(self, x):
             return x.flatten(1)[:, :3], x
 
-    batches = [(torch.randint(0, 255, (5, 1, 2, 2), dtype=torch.uint8), torch.randint(0, 3, (5,)))
+    batches = [(torch.randint(0, 255, (5, 1, 2, 2), dtype=torch.uint8).float(), torch.randint(0, 3, (5,)))
                for _ in range(4)]
 
     class Recorder(TorchDispatchMode):
@@ -109,8 +109,8 @@ def test_evaluation_reads_nothing_back_per_batch():
             return func(*args, **(kwargs or {}))
 
     with Recorder() as rec:
-        counts = R.evaluate(Net(), batches, lambda u8: u8.float(), torch.device("cpu"), multi_exit=False)
+        counts = R.evaluate(Net(), batches, multi_exit=False)
     host = [op for op in rec.ops if re.match(r"aten\.(_local_scalar_dense|lift_fresh)", op)]  # item(), new_tensor
     assert host == [], host
-    expected = sum(int((Net()(images.float())[0].argmax(-1) == labels).sum()) for images, labels in batches)
+    expected = sum(int((Net()(x)[0].argmax(-1) == labels).sum()) for x, labels in batches)
     assert counts.tolist() == [expected, 20]

@@ -1,4 +1,4 @@
-"""Run outputs: config.json, metrics.jsonl, curves.png, batches.jsonl, checkpoints, and the summary table.
+"""Run outputs: config.json, batches.jsonl, checkpoints, and the summary table (metrics: ``callbacks.py``).
 
 Checkpoints never lose work: each is written atomically (temporary file, then rename); ``last.pt`` is the newest,
 ``previous.pt`` the one before it (a crash while writing, or a truncated copy, leaves that one to resume from),
@@ -8,20 +8,19 @@ into unless asked (``overwrite``); resuming is the way to continue one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
 CHECKPOINT = "last.pt"
 PREVIOUS = "previous.pt"
 BEST = "best.pt"
 # What a run leaves in its folder (``ranks/``: DDP ranks' own checkpoint state).
-RUN_FILES = ("config.json", "metrics.jsonl", CHECKPOINT, PREVIOUS, BEST, "batches.jsonl", "curves.png", "ranks")
+RUN_FILES = ("config.json", "metrics.jsonl", CHECKPOINT, PREVIOUS, BEST, "epochs.csv", "steps.csv", "batches.jsonl",
+             "curves.png", "tensorboard", "ranks")
 
 
 def check_run_folder(folder: str | os.PathLike, *, resume: bool, overwrite: bool) -> None:
@@ -81,14 +80,6 @@ def load_checkpoint(folder: str | os.PathLike, log=print) -> tuple[dict, Path]:
     raise ValueError(f"--resume {folder}: no readable checkpoint: {'; '.join(problems)}")
 
 
-def batch_digest(images: Tensor, labels: Tensor) -> str:
-    """sha1 of a batch's uint8 pixels and int64 labels (host copy: only used with --trace-batches)."""
-    h = hashlib.sha1()
-    h.update(images.detach().to("cpu", torch.uint8).contiguous().numpy().tobytes())
-    h.update(labels.detach().to("cpu", torch.int64).contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def atomic_save(obj, path: Path) -> None:
     """torch.save to a temporary file in the same folder, then rename: a crash never leaves a torn file."""
     path = Path(path)
@@ -103,29 +94,28 @@ def atomic_save(obj, path: Path) -> None:
 
 
 class RunOutputs:
-    """Files of one run in ``folder`` (all writes are no-ops when ``folder`` is None or on ranks other than 0)."""
+    """Files of one run in ``folder``: config.json, batches.jsonl, the checkpoints (all writes are no-ops when
+    ``folder`` is None or on ranks other than 0). The metrics files are a callback:
+    :class:`~spacedkd_fast.engine.callbacks.MetricsFiles`."""
 
     def __init__(self, folder: str | os.PathLike | None, *, enabled: bool = True, trace_batches: bool = False,
                  resume: bool = False) -> None:
         self.folder = Path(folder) if folder is not None and enabled else None
         self.trace = trace_batches and self.folder is not None
+        self._batches = None
         if self.folder is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
-            mode = "a" if resume else "w"
-            self._metrics = open(self.folder / "metrics.jsonl", mode, buffering=1)
-            self._batches = open(self.folder / "batches.jsonl", mode, buffering=1) if self.trace else None
+            if self.trace:
+                self._batches = open(self.folder / "batches.jsonl", "a" if resume else "w", buffering=1)  # noqa: SIM115
 
     def write_config(self, config: dict) -> None:
         if self.folder is not None:
             (self.folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
-    def metrics(self, record: dict) -> None:
-        if self.folder is not None:
-            self._metrics.write(json.dumps(record) + "\n")
-
-    def batch(self, role: str, step: int, images: Tensor, labels: Tensor, teacher_updates: int | None = None) -> None:
+    def batch(self, role: str, step: int, digest: str, teacher_updates: int | None = None) -> None:
+        """One line of batches.jsonl: which batch (its sha1) an optimizer step of ``role`` trained on."""
         if self.trace:
-            record = {"role": role, "step": step, "batch": batch_digest(images, labels)}
+            record = {"role": role, "step": step, "batch": digest}
             if teacher_updates is not None:
                 record["teacher_updates"] = teacher_updates
             self._batches.write(json.dumps(record) + "\n")
@@ -148,39 +138,9 @@ class RunOutputs:
         atomic_save(state, path)
         return path
 
-    def curves(self, history: list[dict]) -> None:
-        """curves.png: test accuracy against epoch for the teacher and the student (and BYOT exits)."""
-        if self.folder is None or not history:
-            return
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-        epochs = [r["epoch"] for r in history]
-        for key, label in (("teacher_acc", "teacher"), ("student_acc", "student"), ("ensemble_acc", "ensemble")):
-            values = [r.get(key) for r in history]
-            if any(v is not None for v in values):
-                ax.plot(epochs, [100 * v if v is not None else float("nan") for v in values], marker="o", label=label)
-        exits = [r.get("exit_acc") for r in history]
-        if any(exits):
-            for e in range(len(next(x for x in exits if x))):
-                ax.plot(epochs, [100 * x[e] if x else float("nan") for x in exits], linestyle="--",
-                        label=f"exit {e}" + (" (deepest)" if e == 0 else ""))
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("test accuracy (%)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(self.folder / "curves.png")
-        plt.close(fig)
-
     def close(self) -> None:
-        if self.folder is not None:
-            self._metrics.close()
-            if self._batches is not None:
-                self._batches.close()
+        if self._batches is not None:
+            self._batches.close()
 
 
 def summary_table(rows: list[tuple[str, str]]) -> str:

@@ -137,7 +137,7 @@ def _describe(spec, dtypes) -> str:
 
 def default_budgets(device: torch.device) -> tuple[float, float]:
     """25 % of free device memory for the window, and on CUDA 25 % of available host memory for spilled batches."""
-    from spacedkd_fast.engine.trainer import _available_host_memory
+    from spacedkd_fast.engine.runtime import _available_host_memory
 
     device = torch.device(device)
     if device.type == "cuda":

@@ -11,14 +11,15 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from dataclasses import dataclass
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spacedkd_fast.config import TrainConfig
-from spacedkd_fast.engine.losses import online_student_loss, self_kd_loss
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -57,6 +58,85 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+# ---- learning rates: a function of the batch's data position, never of how the roles interleave ----------------
+class PositionLR:
+    """``lr = fn(epoch position)`` set before every step (the built-in schedules: :func:`lr_at`)."""
+
+    def __init__(self, fn: Callable[[float], float], iters_per_epoch: int) -> None:
+        self.fn, self.iters_per_epoch = fn, iters_per_epoch
+
+    def apply(self, optimizer: torch.optim.Optimizer, iteration: int) -> float:
+        lr = self.fn(iteration / self.iters_per_epoch)
+        set_lr(optimizer, lr)
+        return lr
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class SchedulerLR:
+    """A ``torch.optim.lr_scheduler`` scheduler, stepped as the role's data position crosses epoch ends
+    (``interval="epoch"``) or iterations (``"step"``): the student replaying a batch of epoch e trains at the
+    learning rate the teacher had in epoch e. The position only moves forward (self KD's replays, which trail
+    its fresh steps, train at the current rate)."""
+
+    def __init__(self, scheduler, iters_per_epoch: int, interval: str = "epoch") -> None:
+        if interval not in ("epoch", "step"):
+            raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got {interval!r}")
+        self.scheduler, self.iters_per_epoch, self.interval = scheduler, iters_per_epoch, interval
+        self.steps = 0
+
+    def apply(self, optimizer: torch.optim.Optimizer, iteration: int) -> float:
+        target = iteration // self.iters_per_epoch if self.interval == "epoch" else iteration
+        while self.steps < target:
+            with warnings.catch_warnings():  # after a resume the restored optimizer has not stepped in this process
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+                self.scheduler.step()
+            self.steps += 1
+        return optimizer.param_groups[0]["lr"]
+
+    def state_dict(self) -> dict:
+        return {"scheduler": self.scheduler.state_dict(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.steps = state["steps"]
+
+
+class KeepLR:
+    """The optimizer's own learning rate, untouched (a user optimizer given without a scheduler)."""
+
+    def apply(self, optimizer: torch.optim.Optimizer, iteration: int) -> float:
+        return optimizer.param_groups[0]["lr"]
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class Objectives:
+    """What the steps minimize, and how they run (built from the config, or with a loss given from Python).
+
+    * ``distill(student_logits, teacher_logits, labels, projected, teacher_features) -> loss``: the online/offline
+      student's objective (teacher tensors detached; ``projected``/``teacher_features`` None without a feature
+      term).
+    * ``byot(logits (E, B, C), labels, features (E, B, D), projected) -> loss``: self KD's replay objective.
+    * ``ce(logits, labels) -> loss``: the teacher's (and a one-network mode's fresh-batch) objective.
+    """
+
+    distill: Callable
+    byot: Callable
+    ce: Callable = field(default=lambda logits, labels: F.cross_entropy(logits.float(), labels))
+    bf16: bool = False
+    feature_term: bool = False  # the steps compute the head (projector / adapters) and its term
+
+
 @dataclass
 class Role:
     """A trained network with its optimizer, stream, random stream and running loss.
@@ -75,6 +155,9 @@ class Role:
     last_lr: float = 0.0
     rng_state: dict | None = None  # this role's CPU/CUDA generator states (see ``context``)
     device: torch.device | None = None  # the CUDA device whose generator ``context`` swaps
+    lr_policy: PositionLR | SchedulerLR | KeepLR = field(default_factory=KeepLR)
+    log_sum: Tensor | None = None  # losses since the last per-step log record (on device)
+    log_count: int = 0
 
     @property
     def net(self) -> FeatureForward:
@@ -125,6 +208,16 @@ class Role:
         value = loss.detach().float()
         self.loss_sum = value if self.loss_sum is None else self.loss_sum + value
         self.loss_count += 1
+        self.log_sum = value if self.log_sum is None else self.log_sum + value
+        self.log_count += 1
+
+    def take_log_loss(self) -> float | None:
+        """Mean loss since the last per-step record (one host sync)."""
+        if self.log_count == 0:
+            return None
+        mean = float(self.log_sum) / self.log_count
+        self.log_sum, self.log_count = None, 0
+        return mean
 
     def take_mean_loss(self) -> float | None:
         """Mean loss since the last call (one host sync)."""
@@ -134,9 +227,9 @@ class Role:
         self.loss_sum, self.loss_count = None, 0
         return mean
 
-    def optimizer_step(self, loss: Tensor, lr: float) -> None:
-        set_lr(self.optimizer, lr)
-        self.last_lr = lr
+    def optimizer_step(self, loss: Tensor, iteration: int) -> None:
+        """Backward and one optimizer step at the learning rate of data iteration ``iteration``."""
+        self.last_lr = self.lr_policy.apply(self.optimizer, iteration)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -144,20 +237,60 @@ class Role:
         self.record_loss(loss)
 
 
-def autocast(cfg: TrainConfig, device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+def autocast(bf16: bool, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def has_feature_contract(model: nn.Module) -> bool:
+    """The package's models (and ecosystem wrappers): ``forward_features(x) -> (logits, features)``."""
+    return hasattr(model, "forward_features") and hasattr(model, "feature_dim") and hasattr(model, "num_exits")
 
 
 class FeatureForward(nn.Module):
-    """Makes ``forward_features`` the module's ``forward``: ``x -> (logits, features)`` for every model (the
-    features cost nothing extra), so DDP, torch.compile and the snapshots see a single entry point."""
+    """Every network as ``x -> (logits, features)``, so DDP, torch.compile and the snapshots see one entry point.
 
-    def __init__(self, model: nn.Module) -> None:
+    ``features`` says where the features of the feature term (``beta``) come from:
+
+    * None: the package's models' ``forward_features`` (the features cost nothing extra); for any other module
+      ``forward(x)`` gives the logits and there are no features (``features`` is None);
+    * a string naming a submodule (``"fc"``, ``"head.fc"``): the *input* of that layer, flattened to ``(B, D)``,
+      recorded by a forward pre-hook during the one forward pass (the classifier's input: the usual
+      penultimate features);
+    * a callable ``features(module, x) -> (logits, features)``.
+    """
+
+    def __init__(self, model: nn.Module, features: str | Callable | None = None) -> None:
         super().__init__()
         self.inner = model
+        self.features_from = features
+        self._captured: list[Tensor] = []
+        self._contract = features is None and has_feature_contract(model)
+        if isinstance(features, str):
+            try:
+                layer = model.get_submodule(features)
+            except AttributeError as exc:
+                names = [n for n, _ in model.named_modules() if n][:12]
+                raise ValueError(f"features={features!r}: {type(model).__name__} has no submodule of that name "
+                                 f"(some it has: {', '.join(names)})") from exc
+            # A bound method, not a closure: a deep copy (the teacher's snapshots) rebinds it to the copy.
+            layer.register_forward_pre_hook(self._capture)
+        elif features is not None and not callable(features):
+            raise TypeError(f"features must be None, a submodule name or a callable (module, x) -> (logits, "
+                            f"features), got {type(features).__name__}")
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self.inner.forward_features(x)
+    def _capture(self, module: nn.Module, args: tuple) -> None:
+        self._captured.append(args[0])
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        if self._contract:
+            return self.inner.forward_features(x)
+        if callable(self.features_from):
+            return self.features_from(self.inner, x)
+        self._captured.clear()
+        logits = self.inner(x)
+        features = self._captured[-1].flatten(1) if self._captured else None
+        self._captured.clear()
+        return logits, features
 
 
 class TrainedModule(nn.Module):
@@ -265,46 +398,57 @@ class SnapshotPool:
 
 
 # ---- the steps -----------------------------------------------------------------------------------------------------
-def ce_step(cfg: TrainConfig, role: Role, x: Tensor, y: Tensor, lr: float, *, keep_outputs: bool = False,
+# Each takes the batch's data iteration ``i`` (its learning rate). ``obj`` is the run's :class:`Objectives`.
+def ce_step(obj: Objectives, role: Role, x: Tensor, y: Tensor, i: int, *, keep_outputs: bool = False,
             multi_exit: bool = False) -> tuple[Tensor, Tensor] | None:
     """One CE step on fresh data (teacher; base network; self mode's deepest exit). Returns the pre-update
     ``(logits, features)``, detached, when ``keep_outputs`` (the s = 0 student learns from them)."""
-    with autocast(cfg, x.device):
+    with autocast(obj.bf16, x.device):
         logits, features, _ = role.model(x, with_head=False)
-    loss = F.cross_entropy((logits[0] if multi_exit else logits).float(), y)
-    kept = (logits.detach(), features.detach()) if keep_outputs else None
-    role.optimizer_step(loss, lr)
+    loss = obj.ce(logits[0] if multi_exit else logits, y)
+    kept = (logits.detach(), _detach(features)) if keep_outputs else None
+    role.optimizer_step(loss, i)
     return kept
 
 
-def distill_step(cfg: TrainConfig, role: Role, x: Tensor, y: Tensor, lr: float, teacher_logits: Tensor,
-                 teacher_features: Tensor) -> None:
+def distill_step(obj: Objectives, role: Role, x: Tensor, y: Tensor, i: int, teacher_logits: Tensor,
+                 teacher_features: Tensor | None) -> None:
     """One online/offline student step against given (detached) teacher outputs."""
-    with autocast(cfg, x.device):
-        logits, _, projected = role.model(x, with_head=cfg.beta > 0)
-    loss = online_student_loss(cfg, logits, teacher_logits, y, projected, teacher_features)
-    role.optimizer_step(loss, lr)
+    with autocast(obj.bf16, x.device):
+        logits, _, projected = role.model(x, with_head=obj.feature_term)
+    loss = obj.distill(logits, teacher_logits, y, projected, teacher_features if obj.feature_term else None)
+    role.optimizer_step(loss, i)
 
 
-def replay_step(cfg: TrainConfig, role: Role, snapshot: nn.Module, x: Tensor, y: Tensor, lr: float) -> None:
+def replay_step(obj: Objectives, role: Role, snapshot: nn.Module, x: Tensor, y: Tensor, i: int) -> None:
     """One student replay step: targets from the teacher snapshot taken at the block end."""
-    with torch.no_grad(), autocast(cfg, x.device):
+    with torch.no_grad(), autocast(obj.bf16, x.device):
         teacher_logits, teacher_features = snapshot(x)
-    distill_step(cfg, role, x, y, lr, teacher_logits, teacher_features)
+    distill_step(obj, role, x, y, i, teacher_logits, teacher_features)
 
 
-def self_replay_step(cfg: TrainConfig, role: Role, x: Tensor, y: Tensor, lr: float) -> None:
+def frozen_teacher_step(obj: Objectives, role: Role, teacher: nn.Module, x: Tensor, y: Tensor, i: int) -> None:
+    """Offline KD's student step on a fresh batch: targets from the trained, frozen teacher."""
+    replay_step(obj, role, teacher, x, y, i)
+
+
+def byot_step(obj: Objectives, role: Role, x: Tensor, y: Tensor, i: int) -> None:
     """One BYOT step of the live multi-exit network (self mode's replay, and its s = 0 step)."""
-    with autocast(cfg, x.device):
-        logits, features, projected = role.model(x, with_head=cfg.beta > 0)
-    loss = self_kd_loss(cfg, logits, y, features, projected)
-    role.optimizer_step(loss, lr)
+    with autocast(obj.bf16, x.device):
+        logits, features, projected = role.model(x, with_head=obj.feature_term)
+    loss = obj.byot(logits, y, features, projected)
+    role.optimizer_step(loss, i)
+
+
+def _detach(t: Tensor | None) -> Tensor | None:
+    return t.detach() if t is not None else None
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches, normalize, device: torch.device, multi_exit: bool) -> Tensor:
-    """Correct predictions over ``batches`` of (uint8 images, labels): a device tensor of counts
-    ``[exit_0, ..., exit_{E-1}, ensemble, total]`` (``[correct, total]`` for a single-exit model).
+def evaluate(model: nn.Module, batches, multi_exit: bool) -> Tensor | None:
+    """Correct predictions over ``batches`` of (model inputs, labels) on the device: a device tensor of counts
+    ``[exit_0, ..., exit_{E-1}, ensemble, total]`` (``[correct, total]`` for a single-exit model); None without
+    batches.
 
     ``model`` maps images to ``(logits, features)`` (a :class:`FeatureForward`). Nothing is read back to the host
     per batch: the totals are counted on the host from the batch sizes."""
@@ -312,10 +456,8 @@ def evaluate(model: nn.Module, batches, normalize, device: torch.device, multi_e
     was_training = model.training
     model.eval()
     counts, total = None, 0
-    for images, labels in batches:
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-        logits, _ = model(normalize(images))
+    for x, labels in batches:
+        logits, _ = model(x)
         if multi_exit:
             per_exit = (logits.argmax(-1) == labels).sum(-1)  # (E,)
             ensemble = (logits.float().softmax(-1).mean(0).argmax(-1) == labels).sum()[None]
@@ -325,4 +467,6 @@ def evaluate(model: nn.Module, batches, normalize, device: torch.device, multi_e
         counts = batch_counts if counts is None else counts + batch_counts
         total += labels.shape[0]
     model.train(was_training)
+    if counts is None:
+        return None
     return torch.cat([counts, torch.full((1,), total, dtype=counts.dtype, device=counts.device)])

@@ -1,29 +1,31 @@
-"""The spaced-KD training loop.
+"""The spaced-KD engine: one training run, interleaving the roles' steps over one timeline of fresh batches.
 
-Reading order:
-  1. ``Trainer.__init__``: device → data → schedule and replay window → models and roles → outputs → resume.
-  2. ``Trainer.fit``: the scheduler loop. Each turn runs one optimizer step, of the teacher (a fresh batch, kept in
-     the replay window) or of the student (a replayed batch, against the teacher snapshot of its block).
-  3. ``_teacher_step`` / ``_student_step``: what those steps are, per mode.
-  4. Evaluation and metrics, then checkpoints.
+Where things live (a reader's map of ``spacedkd_fast/engine``):
+
+* ``modes.py``: the modes as data (which networks, what each kind of step computes);
+* ``build.py``: config → parts (feed, networks, heads, optimizers and lr policies, objectives) for whatever the
+  caller did not give from Python: the command line gives nothing, so it builds everything, on this same path;
+* ``feeds.py``: fresh batches and the replay window (the package's sources, or the user's Dataset/DataLoader);
+* ``roles.py``: a role (network, optimizer, stream, random stream), its steps, the teacher snapshots;
+* ``callbacks.py``: step / evaluation / epoch hooks, and the built-in metrics files and TensorBoard that use them;
+* ``checkpoint.py`` / ``outputs.py``: what a checkpoint holds; the run folder's files;
+* this file: :class:`Trainer`, the scheduler loop.
+
+Reading order of the loop: ``Trainer.fit`` runs one optimizer step per turn, of the teacher (a fresh batch, kept in
+the replay window) or of the student (a replayed batch, against the teacher snapshot of its block); ``_fresh_step``
+and ``_replay_step`` do what the mode says those steps are; evaluation, metrics and checkpoints follow.
 
 Teacher and student are two independent step sequences: the teacher's depends only on the data, the student's only
 on the data and on snapshots taken at fixed teacher iterations (block ends). Any interleaving of the two therefore
 gives the same weights. Sequential mode (``--no-overlap``) runs the official order, a teacher block then its replay;
 overlap alternates them (teacher block k+1 with the replay of block k), which on CUDA puts the two roles on two
 streams that run concurrently, synchronized only by events on the window slots and the snapshots.
-
-Modes: online (teacher CE; student distills from the snapshot of its block), self (one BYOT multi-exit network: CE on
-the deepest exit for fresh batches, the BYOT loss when replaying), base (one network, CE), offline (the teacher
-trains all epochs, then the student distills from it, frozen, for as many epochs).
 """
 
 from __future__ import annotations
 
 import bisect
 import dataclasses
-import math
-import os
 import signal
 import time
 from dataclasses import dataclass
@@ -32,15 +34,27 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from spacedkd_fast.config import TrainConfig, incompatible_fields
-from spacedkd_fast.data import load_dataset
-from spacedkd_fast.data.augment import normalize
-from spacedkd_fast.data.datasets import canonical_dataset_name
-from spacedkd_fast.data.files import FILE_DATASET_NAMES, FileDataset, scan_folder_dataset
-from spacedkd_fast.data.pipeline import derive_seed, make_source, select_data_backend
-from spacedkd_fast.data.producer import Prefetcher
-from spacedkd_fast.data.window import TierPlan, WindowCache
+from spacedkd_fast.config import TrainConfig
+from spacedkd_fast.data.pipeline import derive_seed, select_data_backend
 from spacedkd_fast.engine import roles as R
+from spacedkd_fast.engine.build import (
+    GivenParts,
+    build_feed,
+    build_heads,
+    build_networks,
+    build_objectives,
+    build_optimization,
+)
+from spacedkd_fast.engine.callbacks import Callback, Callbacks, MetricsFiles, TensorBoard
+from spacedkd_fast.engine.checkpoint import (
+    CHECKPOINT_FORMAT,
+    RANK_FOLDER,
+    load_resume_state,
+    load_role_state,
+    rank_role_state,
+    role_state,
+    schedule_boundaries,
+)
 from spacedkd_fast.engine.distributed import (
     DistInfo,
     all_reduce_sum,
@@ -49,23 +63,11 @@ from spacedkd_fast.engine.distributed import (
     broadcast_from_main,
     init_distributed,
 )
-from spacedkd_fast.engine.losses import Projector, SelfKDAdapters
-from spacedkd_fast.engine.outputs import (
-    CHECKPOINT,
-    RunOutputs,
-    atomic_save,
-    check_run_folder,
-    clear_run_folder,
-    load_checkpoint,
-    summary_table,
-)
-from spacedkd_fast.models import build_model, is_distilled, is_multi_exit
-from spacedkd_fast.models.weights import load_weights
+from spacedkd_fast.engine.modes import MODES
+from spacedkd_fast.engine.outputs import CHECKPOINT, RunOutputs, check_run_folder, clear_run_folder, summary_table
+from spacedkd_fast.engine.runtime import bind_device, configure_math, resolve_device, window_budgets
 from spacedkd_fast.schedule import Block, SpacingSchedule
 
-CHECKPOINT_FORMAT = 2  # 2: per-rank state (window, random streams) beside the shared one; 1 is read too
-READABLE_FORMATS = (1, 2)  # the weights and config sit in the same places in both
-RANK_FOLDER = "ranks"  # <run>/ranks/rank<r>-<checkpoint id>.pt: the per-rank state of ranks 1.. under DDP
 STOP_CHECK_EVERY = 8  # DDP: optimizer steps between the ranks' agreements on a stop request (a gloo all-reduce)
 OVERLAP_SLACK = 16  # window slots beyond one block, so the overlapped teacher may run a little ahead
 
@@ -105,128 +107,43 @@ class Summary:
         return summary_table(rows)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → cuda when available, else cpu; validates explicit names. A CUDA device always comes back with
-    its index (``cuda`` → the current device), which streams, threads and generators need."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from exc
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: CUDA is not available on this machine (use cpu or auto)")
-        if device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        elif device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
-
-
-def bind_device(device: torch.device) -> None:
-    """Make ``device`` the current CUDA device of this process: Triton launches, ``torch.cuda.*`` calls without a
-    device argument and new threads' defaults all follow the current device, not the one tensors live on."""
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-
-
-def configure_math(cfg: TrainConfig, device: torch.device) -> None:
-    """CUDA numerics of a run.
-
-    * TF32 for fp32 matrix multiplies and convolutions (``--tf32``, default on): Ampere and later run them on tensor
-      cores at ~8x the fp32 rate, with a 10-bit mantissa in the products and fp32 accumulation.
-    * ``--deterministic``: deterministic kernels where PyTorch has them (cuDNN's fastest convolution algorithms and
-      atomics-based reductions vary between runs in the last bits), so overlap, reruns and resumes are
-      bit-identical. Ops with no deterministic CUDA kernel warn once and run as they are (``warn_only``): the
-      bilinear upsampling of BYOT's attention gates is one (its backward adds with atomics).
-    """
-    if device.type != "cuda":
-        return
-    torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
-    torch.backends.cudnn.allow_tf32 = cfg.tf32
-    if cfg.deterministic:
-        # cuBLAS reads this when it creates its handles, i.e. at the first matrix multiply of the process.
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
-
-
-def _available_host_memory() -> int:
-    """Bytes of available host memory (MemAvailable), or 8 GiB where /proc/meminfo is missing."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 8 * 2**30
-
-
-def window_budgets(cfg: TrainConfig, device: torch.device, local_world: int = 1) -> tuple[float, float]:
-    """Bytes for the device and host tiers of the replay window of this process (see ``--window-budget``/
-    ``--host-budget``, which are per process). The defaults share host memory between the ``local_world``
-    processes of this machine: 25 % of it in all, not per rank."""
-    host_share = 0.25 * _available_host_memory() / max(local_world, 1)
-    if cfg.window_budget is not None:
-        device_budget = cfg.window_budget * 1e9
-    elif device.type == "cuda":
-        device_budget = 0.25 * torch.cuda.mem_get_info(device)[0]  # each rank has a GPU of its own
-    else:
-        device_budget = host_share
-    if cfg.host_budget is not None:
-        host_budget = cfg.host_budget * 1e9
-    else:  # on a CPU the "device" tier already is host memory
-        host_budget = host_share if device.type == "cuda" else 0.0
-    return device_budget, host_budget
-
-
-def load_training_data(cfg: TrainConfig, data_backend: str):
-    """The run's dataset: decoded into memory, or (folder datasets with ``--stream``, by default with DALI) a
-    :class:`~spacedkd_fast.data.files.FileDataset` streamed from disk."""
-    name = canonical_dataset_name(cfg.dataset)
-    folder = name in FILE_DATASET_NAMES
-    stream = cfg.stream if cfg.stream is not None else folder and data_backend == "dali"
-    if stream and not folder:
-        raise ValueError(f"--stream applies to folder datasets ({', '.join(FILE_DATASET_NAMES)}), not "
-                         f"{cfg.dataset!r}")
-    split = dict(val_fraction=cfg.val_fraction, split_seed=cfg.split_seed)
-    if stream:
-        default_size = 64 if name == "tiny-imagenet" else 224
-        return scan_folder_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size or default_size, **split)
-    return load_dataset(cfg.dataset, cfg.data_dir, image_size=cfg.image_size, **split)
-
-
-def subset_dataset(dataset, n: int):
-    """The first ``n`` training images (and ``n // 4`` test images) of a fixed shuffle, the same for every seed."""
-    if n > len(dataset.train_labels):
-        raise ValueError(f"--subset {n} is larger than the training set ({len(dataset.train_labels)} images)")
-    train = torch.randperm(len(dataset.train_labels), generator=torch.Generator().manual_seed(0))[:n]
-    test = torch.randperm(len(dataset.test_labels), generator=torch.Generator().manual_seed(1))
-    test = test[:max(n // 4, min(len(test), 16))]
-    if isinstance(dataset, FileDataset):
-        return dataclasses.replace(dataset, name=f"{dataset.name}[subset {n}]",
-                                   train_files=tuple(dataset.train_files[i] for i in train.tolist()),
-                                   train_labels=dataset.train_labels[train].contiguous(),
-                                   test_files=tuple(dataset.test_files[i] for i in test.tolist()),
-                                   test_labels=dataset.test_labels[test].contiguous())
-    return dataclasses.replace(dataset, name=f"{dataset.name}[subset {n}]",
-                               train_images=dataset.train_images[train].contiguous(),
-                               train_labels=dataset.train_labels[train].contiguous(),
-                               test_images=dataset.test_images[test].contiguous(),
-                               test_labels=dataset.test_labels[test].contiguous())
-
-
 class Trainer:
-    """One training run: ``Trainer(cfg).fit()`` returns a :class:`Summary`."""
+    """One training run: ``Trainer(cfg).fit()`` returns a :class:`Summary`.
 
-    def __init__(self, cfg: TrainConfig, *, log=print) -> None:
-        self.cfg, self.log = cfg, log
-        resume_state = self._load_resume(cfg) if cfg.resume is not None else None
+    From the command line ``cfg`` is everything. From Python, any part may be given instead of being built from
+    ``cfg`` (see :mod:`spacedkd_fast.engine.build`); settings may be keyword arguments (``Trainer(mode="online",
+    space=1.0, epochs=5, ...)``: the :class:`~spacedkd_fast.config.TrainConfig` fields, over ``cfg``'s).
+
+    Args:
+        teacher, student: ``nn.Module`` whose forward returns ``(B, C)`` logits (self KD: a multi-exit module
+            returning stacked exits ``(E, B, C)``, deepest first, as ``student``).
+        teacher_features, student_features: where the feature term's features come from (``beta > 0``): a
+            submodule name whose input is the feature (``"fc"``), or ``(module, x) -> (logits, features)``.
+        train_data, eval_data: a map-style ``Dataset`` or a ``DataLoader`` over one, yielding ``(inputs, labels)``
+            (or dicts; ``unpack`` splits other batches); or a package dataset (``spacedkd_fast.data.load_dataset``).
+        teacher_optimizer, student_optimizer: a ``torch.optim.Optimizer`` over the module's parameters, or a
+            factory ``params -> Optimizer``; default: ``cfg.optimizer`` with the built-in lr schedule.
+        teacher_scheduler, student_scheduler: a ``torch.optim.lr_scheduler`` scheduler (or ``optimizer ->
+            scheduler``), stepped every epoch (``scheduler_interval="step"``: every iteration) of the role's data.
+        loss: the student's objective ``loss(student_logits, teacher_logits, labels) -> scalar`` (default: the
+            built-in ``KDLoss`` of ``alpha``/``temperature``); for self KD ``loss(exit_logits, labels)``.
+        callbacks: :class:`~spacedkd_fast.engine.callbacks.Callback` instances.
+        log: where the engine's few lines go.
+    """
+
+    def __init__(self, cfg: TrainConfig | None = None, *, teacher: nn.Module | None = None,
+                 student: nn.Module | None = None, train_data=None, eval_data=None, teacher_optimizer=None,
+                 student_optimizer=None, teacher_scheduler=None, student_scheduler=None,
+                 scheduler_interval: str = "epoch", loss=None, teacher_features=None, student_features=None,
+                 unpack=None, callbacks: list[Callback] | tuple = (), log=print, **settings) -> None:
+        given = GivenParts(teacher, student, train_data, eval_data, teacher_optimizer, student_optimizer,
+                           teacher_scheduler, student_scheduler, scheduler_interval, loss, teacher_features,
+                           student_features, unpack)
+        cfg = _with_settings(cfg if cfg is not None else TrainConfig(), settings)
+        self.cfg, self.log = given.record(cfg), log
+        cfg = self.cfg
+        self.mode = MODES[cfg.mode]
+        resume_state = load_resume_state(cfg, log) if cfg.resume is not None else None
 
         # ---- device, processes, threads ------------------------------------------------------------------------
         self.device = resolve_device(cfg.device)
@@ -242,90 +159,53 @@ class Trainer:
         if self.device.type == "cpu":
             # Early training on zero-padded images produces denormal activations, which x86 handles ~10x slower.
             torch.set_flush_denormal(True)
-        # self and base train one network, offline a frozen teacher's student: nothing to overlap.
-        self.overlap = cfg.mode == "online" and (cfg.overlap if cfg.overlap is not None else self.device.type == "cuda")
+        # Only two networks training at once can overlap (self and base train one, offline a frozen teacher's student).
+        self.overlap = self.mode.overlappable and (cfg.overlap if cfg.overlap is not None else
+                                                   self.device.type == "cuda")
 
         # ---- data ----------------------------------------------------------------------------------------------
         self.data_backend = select_data_backend(cfg.data_backend, self.device)
-        self.dataset = load_training_data(cfg, self.data_backend)
-        if cfg.subset is not None:
-            self.dataset = subset_dataset(self.dataset, cfg.subset)
-        self.source = make_source(self.dataset, batch_size=cfg.batch_size, seed=cfg.seed, device=self.device,
-                                  rank=self.dist.rank, world=self.dist.world, backend=self.data_backend)
-        self.iters_per_epoch = self.source.iters_per_epoch
-        mean, std = self.dataset.mean, self.dataset.std
-        self.normalize = lambda u8: normalize(u8, mean, std, channels_last=cfg.channels_last)
+        self.feed = build_feed(cfg, given, self.device, self.dist.rank, self.dist.world, self.data_backend)
+        if self.feed.kind == "user":
+            self.data_backend = "user DataLoader"
+        self.iters_per_epoch = self.feed.iters_per_epoch
 
         # ---- schedule and replay window ------------------------------------------------------------------------
-        space = cfg.space if cfg.mode in ("online", "self") else 0.0
-        self.boundaries = _schedule_boundaries(resume_state, cfg)  # the lengths an extended run had before
+        space = cfg.space if self.mode.spaced else 0.0
+        self.boundaries = schedule_boundaries(resume_state, cfg)  # the lengths an extended run had before
         self.schedule = SpacingSchedule(space, self.iters_per_epoch, cfg.epochs, start_epoch=cfg.start_epoch,
                                         replay_tail=cfg.replay_tail, boundaries=self.boundaries)
         self._block_starts = [b.start for b in self.schedule.blocks]
         capacity = max(self.schedule.block_length, 1) + (OVERLAP_SLACK if self.overlap else 0)
-        batch = self.source.local_batch_size(0)
-        slot_bytes = batch * (math.prod(self.source.image_shape) + 8)
-        device_budget, host_budget = window_budgets(cfg, self.device, self.dist.local_world)
-        tiers = TierPlan.for_budget(capacity, slot_bytes, device_budget, host_budget)
-        self.window = WindowCache(capacity, self.source.image_shape, batch, self.device, self.normalize,
-                                  storage=cfg.window_storage, tiers=tiers, regenerate=self.source.regenerate)
+        self.feed.make_window(capacity, *window_budgets(cfg, self.device, self.dist.local_world), cfg.window_storage)
 
-        # ---- models and roles ----------------------------------------------------------------------------------
-        if cfg.teacher_weights and cfg.mode in ("self", "base"):
-            raise ValueError(f"--teacher-weights: --mode {cfg.mode} trains no separate teacher (use online or "
-                             f"offline)")
-        self.teacher: R.Role | None = None
-        channels, size = self.source.image_shape[0], self.source.image_shape[1]
-        if cfg.mode == "self":
-            if not is_multi_exit(cfg.student_arch):
-                raise ValueError(f"--mode self needs a multi-exit model (byot_*), got {cfg.student_arch!r}")
-            net = self._build(cfg.student_arch, "student", channels, size)
-            adapters = None
-            if cfg.beta > 0:  # the two shallowest exits get a feature term (the official code skips exit 3)
-                adapters = SelfKDAdapters(net.feature_dim, min(2, net.num_exits - 1)).to(self.device)
-            self.student = self._role("student", net, adapters, multi_exit=True)
-        else:
-            archs = [cfg.student_arch] + ([cfg.teacher_arch] if cfg.mode != "base" else [])
-            for arch in archs:
-                if is_multi_exit(arch):
-                    raise ValueError(f"--mode {cfg.mode} needs single-exit models; {arch!r} is multi-exit "
-                                     f"(use it with --mode self)")
-            plain = {a: a.removesuffix("_distilled") for a in (cfg.teacher_arch, cfg.student_arch)}
-            if cfg.mode != "base" and is_distilled(cfg.teacher_arch):
-                raise ValueError(f"--teacher-model {cfg.teacher_arch!r} has a distillation token, which only a DeiT "
-                                 f"student uses; give the teacher the plain ViT ({plain[cfg.teacher_arch]!r})")
-            if cfg.mode == "base" and is_distilled(cfg.student_arch):
-                raise ValueError(f"--mode base trains with CE only; {cfg.student_arch!r}'s distillation head would "
-                                 f"learn nothing (use {plain[cfg.student_arch]!r})")
-            if cfg.mode != "base":
-                teacher_net = self._build(cfg.teacher_arch, "teacher", channels, size)
-                if cfg.teacher_weights:
-                    load_weights(teacher_net, cfg.teacher_weights)
-                self.teacher = self._role("teacher", teacher_net, None)
-            student_net = self._build(cfg.student_arch, "student", channels, size)
-            projector = None
-            if cfg.beta > 0 and cfg.mode != "base":
-                projector = Projector(student_net.feature_dim, teacher_net.feature_dim).to(self.device)
-            self.student = self._role("student", student_net, projector)
+        # ---- networks, roles, objectives -----------------------------------------------------------------------
+        networks = build_networks(cfg, self.mode, given, self.feed, self.device)
+        heads = build_heads(cfg, self.mode, networks, self.device)
+        self.num_exits = networks["student"].num_exits if self.mode.multi_exit else 0
+        roles = {name: self._role(name, networks[name].net, heads[name], given) for name in self.mode.roles}
+        self.teacher: R.Role | None = roles.get("teacher")
+        self.student: R.Role = roles["student"]
+        self.objectives = build_objectives(cfg, given)
         if self.overlap and self.device.type == "cuda":
             self.teacher.stream = torch.cuda.Stream(self.device)
             self.student.stream = torch.cuda.Stream(self.device)
         self.snapshots = None
-        if cfg.mode == "online":
+        if self.mode.replay == "distill_snapshot":
             self.snapshots = R.SnapshotPool(self.teacher.net, 2 if self.overlap else 1, cfg.teacher_bn,
                                             torch.compile if cfg.compile else (lambda m: m))
 
         # ---- run state -----------------------------------------------------------------------------------------
         self.t_iter = 0  # next teacher iteration (per phase in offline mode)
         # Offline mode: "teacher", then "student"; a teacher given by --teacher-weights is trained already.
-        self.phase = "student" if cfg.mode == "offline" and cfg.teacher_weights else "teacher"
+        self.phase = self.mode.phases[-1 if cfg.teacher_weights else 0].name
         self._frozen_teacher_acc: float | None = None  # offline with --teacher-weights: measured once
         if self.phase == "student" and self.teacher is not None:
             self.teacher.net.eval()
         self.s_block = self._next_replayed(0)  # the block the student replays next
         self.s_offset = 0  # the student's position inside it
         self.online_outputs: dict[int, tuple] = {}  # s = 0: the teacher outputs waiting for the student
-        self.history: list[dict] = []  # metrics records written so far
+        self.history: list[dict] = []  # epoch records written so far
         self.pending: dict[int, dict] = {}  # epoch -> evaluations not yet complete
         self.evaluated_through = 0  # one-network modes: last epoch evaluated
         self.actions = 0  # optimizer steps taken (progress)
@@ -338,7 +218,7 @@ class Trainer:
         self._last_action = "student"
         self._stop_reason: str | None = None
         self._checkpoint_due = False
-        self._prefetcher: Prefetcher | None = None
+        self._progress = _NoProgress()
 
         # ---- outputs -------------------------------------------------------------------------------------------
         # On every rank (ranks > 0 write their own checkpoint state there). A resumed run stays in its folder.
@@ -353,35 +233,41 @@ class Trainer:
         self.outputs = RunOutputs(self.run_folder, enabled=self.dist.is_main, trace_batches=cfg.trace_batches,
                                   resume=resume_state is not None)
         self.outputs.write_config(cfg.to_dict())
+        self.callbacks = Callbacks(self._builtin_callbacks(resume_state is not None) + list(callbacks))
         if resume_state is not None:
             self._restore(resume_state)
 
     # ================================================================================================ setup helpers
-    def _build(self, arch: str, which: str, channels: int, size: int) -> nn.Module:
-        torch.manual_seed(derive_seed(self.cfg.seed, "init", which))  # each network's init is its own
-        model = build_model(arch, num_classes=self.dataset.num_classes, in_channels=channels, image_size=size)
-        model = model.to(self.device)
-        return model.to(memory_format=torch.channels_last) if self.cfg.channels_last else model
-
-    def _role(self, name: str, net: nn.Module, head: nn.Module | None, multi_exit: bool = False) -> R.Role:
-        model: nn.Module = R.TrainedModule(R.FeatureForward(net), head)
-        params = list(model.parameters())
+    def _role(self, name: str, net: R.FeatureForward, head: nn.Module | None, given: GivenParts) -> R.Role:
+        model: nn.Module = R.TrainedModule(net, head)
+        optimizer, lr_policy = build_optimization(self.cfg, given, name, model, self.iters_per_epoch)
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             # Self mode's CE-only steps skip the adapters (their parameters get no gradient in those steps).
             model = DDP(model, device_ids=ids, process_group=self.dist.group,
-                        find_unused_parameters=multi_exit and head is not None)
+                        find_unused_parameters=self.mode.multi_exit and head is not None)
         if self.cfg.compile:
             model = torch.compile(model)
-        role = R.Role(name=name, model=model, optimizer=R.build_optimizer(self.cfg, params))
+        role = R.Role(name=name, model=model, optimizer=optimizer, lr_policy=lr_policy)
         role.seed_rng(derive_seed(self.cfg.seed, "rng", name, self.dist.rank), self.device)
         return role
 
+    def _builtin_callbacks(self, resume: bool) -> list[Callback]:
+        """The run folder's metrics files and TensorBoard, on rank 0 (they are callbacks like the user's)."""
+        if self.outputs.folder is None:
+            if self.cfg.tensorboard:
+                raise ValueError("--tensorboard writes into the run folder; give out= (or --out)")
+            return []
+        built: list[Callback] = [MetricsFiles(self.outputs.folder, resume=resume, num_exits=self.num_exits)]
+        if self.cfg.tensorboard:
+            built.append(TensorBoard(self.outputs.folder / "tensorboard"))
+        return built
+
     def _replays(self, block: Block) -> bool:
         """Whether the student replays ``block`` (self mode's s = 0 blocks are one BYOT step, taken at once)."""
-        return block.replay and self.cfg.mode in ("online", "self") and not (self.cfg.mode == "self" and block.online)
+        return block.replay and self.mode.spaced and not (block.online and not self.mode.student_learns_online)
 
     def _next_replayed(self, index: int) -> int:
         blocks = self.schedule.blocks
@@ -392,14 +278,19 @@ class Trainer:
     def _block_at(self, iteration: int) -> Block:
         return self.schedule.blocks[bisect.bisect_right(self._block_starts, iteration) - 1]
 
-    def _lr(self, iteration: int) -> float:
-        """The learning rate of a batch: a function of its epoch position only."""
-        return R.lr_at(self.cfg, iteration / self.iters_per_epoch)
+    @property
+    def source(self):
+        """The package data source (``SourceFeed``), as the benchmarks and tests reach it."""
+        return self.feed.source
+
+    @property
+    def window(self):
+        return self.feed.window
 
     # ====================================================================================================== the loop
     def fit(self) -> Summary:
-        self.log(f"spacedkd_fast: {self.cfg.mode} on {self.dataset.name} ({len(self.dataset.train_labels)} train / "
-                 f"{len(self.dataset.test_labels)} test images), {self.device}"
+        self.log(f"spacedkd_fast: {self.cfg.mode} on {self.feed.name} ({self.feed.num_train} train / "
+                 f"{self.feed.num_test} test {'images' if self.feed.kind == 'package' else 'samples'}), {self.device}"
                  f"{f' x{self.dist.world} ranks' if self.dist.enabled else ''}, "
                  f"{'overlapped' if self.overlap else 'sequential'}; {self._describe_schedule()}")
         self.log(f"spacedkd_fast: outputs in {self.run_folder}" if self.run_folder is not None else
@@ -410,20 +301,25 @@ class Trainer:
                 role.stream.wait_stream(torch.cuda.current_stream(self.device))
         self._start = time.perf_counter()
         self._record_clock = (self._start, self.images_seen, self.data_wait_s)
-        if self.cfg.mode == "online" and self.actions == 0:
+        self._step_clock = (self._start, self.images_seen)
+        if self.dist.is_main:
+            self.callbacks.on_fit_start(self)
+        if self.mode.student_learns_online and self.actions == 0:
             self._student_evals(None)  # epochs that end before the first replay evaluate the untrained student
-        if self.cfg.mode == "offline" and self.cfg.teacher_weights:
+        if self.phase == "student" and self.cfg.teacher_weights:
             counts, _ = self._measure(self.teacher)  # the given teacher, once (it is not trained here)
-            self._frozen_teacher_acc = counts[0].item() / counts[1].item()
-        progress = self._progress_bar()
-        self._start_prefetcher()
+            self._frozen_teacher_acc = counts[0].item() / counts[1].item() if counts is not None else None
+        self._progress = self._progress_bar()
+        depth = self.cfg.prefetch if self.cfg.prefetch is not None else (2 if self.device.type == "cuda" else 0)
+        self.feed.start(self._data_iteration(), self.schedule.total_iterations * len(self.mode.phases), depth)
         try:
             while not self._done():
                 action = self._choose()
-                self._teacher_step() if action == "teacher" else self._student_step()
+                role, iteration = self._fresh_step() if action == "teacher" else self._replay_step()
                 self._last_action = action
                 self.actions += 1
-                progress.update(1)
+                self._progress.update(1)
+                self._log_step(role, iteration)
                 self._after_action()
                 if self.online_outputs:
                     continue  # an s = 0 student step is due: state is only saved between whole iterations
@@ -435,23 +331,26 @@ class Trainer:
                     reason = self._stop_reason or "a signal to another rank"
                     raise TrainingInterrupted(f"stopped by {reason} at teacher iteration {self.t_iter}{where}")
         finally:
-            progress.close()
-            if self._prefetcher is not None:
-                self._prefetcher.close()
-            self.source.close()
+            self._progress.close()
+            self.feed.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            for cb in self.callbacks.callbacks:
+                if isinstance(cb, MetricsFiles):
+                    cb.close()  # line-buffered already; closed here on an interruption too
         self._sync()
         session = time.perf_counter() - self._start
         wall = self.elapsed_before + session
-        self.outputs.curves(self.history)
         self.outputs.close()
         last = self.history[-1] if self.history else {}
-        return Summary(epochs=self.cfg.epochs, teacher_acc=last.get("teacher_acc"),
-                       student_acc=last.get("student_acc"), exit_acc=last.get("exit_acc"),
-                       images_per_s=self.images_seen / max(wall, 1e-9), wall_s=wall,
-                       out=str(self.outputs.folder) if self.outputs.folder is not None else None,
-                       data_wait_s=self.data_wait_s, session_s=session)
+        summary = Summary(epochs=self.cfg.epochs, teacher_acc=last.get("teacher_acc"),
+                          student_acc=last.get("student_acc"), exit_acc=last.get("exit_acc"),
+                          images_per_s=self.images_seen / max(wall, 1e-9), wall_s=wall,
+                          out=str(self.outputs.folder) if self.outputs.folder is not None else None,
+                          data_wait_s=self.data_wait_s, session_s=session)
+        if self.dist.is_main:
+            self.callbacks.on_fit_end(self, summary)
+        return summary
 
     def request_stop(self, reason: str = "request") -> None:
         """Stop at the next whole iteration and write last.pt, as SIGINT/SIGTERM do (under DDP: every rank stops
@@ -478,9 +377,8 @@ class Trainer:
 
     # ---- the scheduler -------------------------------------------------------------------------------------------
     def _done(self) -> bool:
-        if self.cfg.mode == "offline":
-            return self.phase == "student" and self.t_iter >= self.schedule.total_iterations
-        return self.t_iter >= self.schedule.total_iterations and self.s_block >= len(self.schedule.blocks)
+        fresh_done = self.t_iter >= self.schedule.total_iterations and self.phase == self.mode.phases[-1].name
+        return fresh_done and self.s_block >= len(self.schedule.blocks)
 
     def _student_ready(self) -> bool:
         """Whether the student's next replay step has its data and its teacher."""
@@ -490,15 +388,15 @@ class Trainer:
         return block.start in self.online_outputs if block.online else self.t_iter >= block.stop
 
     def _teacher_ready(self) -> bool:
-        """Whether the teacher's next step can run now: a free window slot; a free snapshot buffer at a block end."""
+        """Whether the next fresh step can run now: a free window slot; a free snapshot buffer at a block end."""
         if self.t_iter >= self.schedule.total_iterations:
             return False
-        if self.cfg.mode not in ("online", "self"):
+        if not self.mode.spaced:
             return True
         block = self._block_at(self.t_iter)
         if block.online:
             return not self.online_outputs  # the s = 0 student consumes each batch before the next one
-        if self._replays(block) and not self.window.is_free(self.t_iter):
+        if self._replays(block) and not self.feed.is_free(self.t_iter):
             return False
         at_block_end = self.t_iter == block.stop - 1
         return not (at_block_end and self._replays(block) and self.snapshots is not None
@@ -508,104 +406,91 @@ class Trainer:
         teacher, student = self._teacher_ready(), self._student_ready()
         if not teacher and not student:
             raise RuntimeError(f"scheduler stalled at teacher iteration {self.t_iter}, student block {self.s_block} "
-                               f"position {self.s_offset}, window holding {len(self.window)} batches")
+                               f"position {self.s_offset}, window holding {len(self.feed)} batches")
         if not self.overlap:  # the official order: replay a finished block before the teacher moves on
             return "student" if student else "teacher"
         if teacher and student:
             return "student" if self._last_action == "teacher" else "teacher"
         return "teacher" if teacher else "student"
 
-    # ---- teacher steps: fresh batches ----------------------------------------------------------------------------
-    def _teacher_step(self) -> None:
-        cfg, i = self.cfg, self.t_iter
-        role = self.teacher if self.teacher is not None and self.phase == "teacher" else self.student
+    # ---- steps on fresh batches ----------------------------------------------------------------------------------
+    def _fresh_step(self) -> tuple[R.Role, int]:
+        """The phase's role steps on the next fresh batch (kept for the replay when its block is replayed)."""
+        i, phase, obj = self.t_iter, self.mode.phase(self.phase), self.objectives
+        role = self.teacher if phase.trains == "teacher" else self.student
         with role.context():
             waited = time.perf_counter()
-            plan, images, labels = self._fresh_batch(self._data_iteration())
+            stored, plan, x, y = self.feed.fresh(self._data_iteration())
             self.data_wait_s += time.perf_counter() - waited
-            x, lr = self.normalize(images), self._lr(i)
-            if cfg.mode in ("base", "offline") and not (cfg.mode == "offline" and self.phase == "student"):
-                R.ce_step(cfg, role, x, labels, lr)
-            elif cfg.mode == "offline":
-                with torch.no_grad(), R.autocast(cfg, self.device):
-                    t_logits, t_features = self.teacher.net(x)
-                R.distill_step(cfg, role, x, labels, lr, t_logits, t_features)
+            block = self._block_at(i) if self.mode.spaced else None
+            if phase.fresh == "distill_frozen":
+                R.frozen_teacher_step(obj, role, self.teacher.net, x, y, i)
+            elif block is not None and block.online and self.mode.online == "byot":
+                R.byot_step(obj, role, x, y, i)  # s = 0 self KD: one BYOT step per batch
+            elif block is not None and block.online:
+                logits, features = R.ce_step(obj, role, x, y, i, keep_outputs=True)
+                self.online_outputs[i] = (stored, x, y, logits, features, self._event(), role.steps - 1)
             else:
-                block = self._block_at(i)
-                if block.online and cfg.mode == "self":
-                    R.self_replay_step(cfg, role, x, labels, lr)  # s = 0 self-KD: one BYOT step per batch
-                elif block.online:
-                    logits, features = R.ce_step(cfg, role, x, labels, lr, keep_outputs=True)
-                    self.online_outputs[i] = (images, x, labels, logits, features, self._event(), role.steps - 1)
-                else:
-                    if self._replays(block):
-                        self.window.put(i, images, labels, plan)
-                    R.ce_step(cfg, role, x, labels, lr, multi_exit=cfg.mode == "self")
-                    if i == block.stop - 1 and self._replays(block) and self.snapshots is not None:
-                        self.snapshots.take(block.index, self.teacher.net, self.device)
-            self.outputs.batch("teacher" if cfg.mode != "base" else "student", role.steps - 1, images, labels)
-        self.images_seen += labels.shape[0] * self.dist.world
+                if block is not None and self._replays(block):
+                    self.feed.keep(i, stored, plan)
+                R.ce_step(obj, role, x, y, i, multi_exit=phase.fresh == "ce_deepest")
+                if block is not None and i == block.stop - 1 and self._replays(block) and self.snapshots is not None:
+                    self.snapshots.take(block.index, self.teacher.net, self.device)
+            if self.outputs.trace:
+                self.outputs.batch(role.name, role.steps - 1, self.feed.digest(stored))
+        self.images_seen += y.shape[0] * self.dist.world
         self.t_iter += 1
+        return role, i
 
-    # ---- student steps: replayed batches -------------------------------------------------------------------------
-    def _student_step(self) -> None:
-        cfg, role = self.cfg, self.student
+    # ---- student steps on replayed batches -----------------------------------------------------------------------
+    def _replay_step(self) -> tuple[R.Role, int]:
+        role, obj = self.student, self.objectives
         block = self.schedule.blocks[self.s_block]
         i = block.start + self.s_offset
         with role.context():
-            lr = self._lr(i)
             if block.online:  # s = 0: the teacher's pre-update outputs of this very batch
-                images, x, labels, logits, features, ready, teacher_updates = self.online_outputs.pop(i)
+                stored, x, y, logits, features, ready, teacher_updates = self.online_outputs.pop(i)
                 if ready is not None:  # produced on the teacher's stream
-                    torch.cuda.current_stream(self.device).wait_event(ready)
-                    for t in (images, x, labels, logits, features):
-                        t.record_stream(torch.cuda.current_stream(self.device))
-                R.distill_step(cfg, role, x, labels, lr, logits, features)
+                    stream = torch.cuda.current_stream(self.device)
+                    stream.wait_event(ready)
+                    for t in (x, y, logits, features, *torch.utils._pytree.tree_leaves(stored)):
+                        if t is not None:
+                            t.record_stream(stream)
+                R.distill_step(obj, role, x, y, i, logits, features)
             else:
                 waited = time.perf_counter()
-                images, labels = self.window.raw(i)
+                stored, x, y = self.feed.replayed(i)
                 self._prefetch_replay(block)  # the next replayed batch, if it lives off the device
                 self.data_wait_s += time.perf_counter() - waited
-                x = self.normalize(images)
                 teacher_updates = None
-                if cfg.mode == "self":
-                    R.self_replay_step(cfg, role, x, labels, lr)
+                if self.mode.replay == "byot":
+                    R.byot_step(obj, role, x, y, i)
                 else:
-                    R.replay_step(cfg, role, self.snapshots.get(block.index, self.device), x, labels, lr)
+                    R.replay_step(obj, role, self.snapshots.get(block.index, self.device), x, y, i)
                     teacher_updates = block.stop  # the snapshot was taken after the block's last teacher update
             if self.outputs.trace:
-                self.outputs.batch("student", role.steps - 1, images, labels, teacher_updates)
+                self.outputs.batch("student", role.steps - 1, self.feed.digest(stored), teacher_updates)
             if not block.online:
-                self.window.release(i)  # after the trace: a device-tier batch is a view of its slot
+                self.feed.release(i)  # after the trace: a device-tier batch is a view of its slot
             self.s_offset += 1
             if self.s_offset == block.length:
                 if not block.online and self.snapshots is not None:
                     self.snapshots.release(block.index, self.device)
-                if cfg.mode == "online":
+                if self.mode.has_teacher:
                     self._student_evals(block)
                 self.s_block, self.s_offset = self._next_replayed(self.s_block + 1), 0
+        return role, i
 
     @property
     def _student_epoch_offset(self) -> int:
         """Offline mode numbers the student's epochs after the teacher's (none when the teacher came trained)."""
-        return self.cfg.epochs if self.cfg.mode == "offline" and not self.cfg.teacher_weights else 0
+        return self.cfg.epochs if len(self.mode.phases) > 1 and not self.cfg.teacher_weights else 0
 
     def _data_iteration(self) -> int:
-        """Index of the teacher's next fresh batch in the data stream (offline's student phase reads epochs
-        E..2E-1 of it, fresh batches of its own)."""
-        return self.t_iter + (self.schedule.total_iterations if self.phase == "student" else 0)
-
-    def _fresh_batch(self, data_iteration: int):
-        """``(plan, uint8 images, labels)`` of a fresh batch: from the prefetch thread, or rendered here."""
-        if self._prefetcher is not None:
-            return self._prefetcher.next(data_iteration)
-        return self._render_fresh(data_iteration)
-
-    def _render_fresh(self, data_iteration: int):
-        """``(plan, uint8 images, labels)`` of the data stream's batch ``data_iteration`` (the prefetch thread runs
-        this too)."""
-        plan = self.source.plan(data_iteration)
-        return (plan, *self.source.render(plan))
+        """Index of the next fresh batch in the data stream (offline's student phase reads epochs E..2E-1 of it,
+        fresh batches of its own)."""
+        phase_index = [p.name for p in self.mode.phases].index(self.phase)
+        return self.t_iter + phase_index * self.schedule.total_iterations
 
     def _prefetch_replay(self, block: Block) -> None:
         nxt = block.start + self.s_offset + 1
@@ -614,15 +499,7 @@ class Trainer:
             if following >= len(self.schedule.blocks):
                 return
             nxt = self.schedule.blocks[following].start
-        if nxt in self.window:
-            self.window.prefetch(nxt)
-
-    def _start_prefetcher(self) -> None:
-        depth = self.cfg.prefetch if self.cfg.prefetch is not None else (2 if self.device.type == "cuda" else 0)
-        self._prefetcher = None
-        if depth > 0:
-            end = self.schedule.total_iterations * (2 if self.cfg.mode == "offline" else 1)
-            self._prefetcher = Prefetcher(range(self._data_iteration(), end), self._render_fresh, depth, self.device)
+        self.feed.prefetch(nxt)
 
     def _event(self) -> torch.cuda.Event | None:
         if not (self.overlap and self.device.type == "cuda"):
@@ -632,12 +509,33 @@ class Trainer:
         return event
 
     # ====================================================================================== evaluation and metrics
+    def _log_step(self, role: R.Role, iteration: int) -> None:
+        """Tell the callbacks about the step; every ``log_every`` steps of a role, a step record with the mean loss
+        since its last one (one host sync). ``iteration``: the data iteration the step trained on."""
+        if not self.dist.is_main:
+            return
+        offset = self._student_epoch_offset if self.phase == "student" else 0
+        step = {"role": role.name, "step": role.steps, "iteration": iteration,
+                "epoch": (iteration + 1) / self.iters_per_epoch + offset}
+        self.callbacks.on_step_end(self, step)
+        every = self.cfg.log_every
+        if not every or role.steps % every:
+            return
+        now = time.perf_counter()
+        start, seen = self._step_clock
+        self._step_clock = (now, self.images_seen)
+        record = {"kind": "step", **step, "loss": role.take_log_loss(), "lr": role.last_lr,
+                  "images_per_s": (self.images_seen - seen) / max(now - start, 1e-9),
+                  "elapsed_s": self.elapsed_before + now - self._start}
+        self._progress.set_postfix_str(f"{role.name} loss {record['loss']:.4g}", refresh=False)
+        self.callbacks.on_log(self, record)
+
     def _after_action(self) -> None:
         """Epoch-end evaluations on the teacher's timeline."""
         if self.t_iter == 0 or self.t_iter % self.iters_per_epoch:
             return
-        epoch, cfg = self.t_iter // self.iters_per_epoch, self.cfg
-        if cfg.mode == "online":
+        epoch = self.t_iter // self.iters_per_epoch
+        if self.mode.student_learns_online:  # online: the teacher now; the student when its replay gets here
             if self._last_action == "teacher":
                 self._evaluate("teacher", epoch)
             return
@@ -645,21 +543,21 @@ class Trainer:
         if self._student_ready() or epoch <= self.evaluated_through:
             return
         self.evaluated_through = epoch
-        if cfg.mode == "offline" and self.phase == "teacher":
-            self._evaluate("teacher", epoch)
-            if epoch == cfg.epochs:  # the teacher is done: freeze it, train the student on fresh data
-                self.phase, self.t_iter, self.evaluated_through = "student", 0, 0
-                self.teacher.net.eval()
-        else:
-            self._evaluate("student", epoch + self._student_epoch_offset)
+        trained = self.mode.phase(self.phase).trains
+        self._evaluate(trained, epoch + (self._student_epoch_offset if trained == "student" else 0))
+        phases = [p.name for p in self.mode.phases]
+        if epoch == self.cfg.epochs and self.phase != phases[-1]:  # the teacher is done: freeze it, train the student
+            self.phase, self.t_iter, self.evaluated_through = phases[phases.index(self.phase) + 1], 0, 0
+            self.teacher.net.eval()
 
     def _evaluate(self, which: str, epoch: int) -> None:
         role = self.teacher if which == "teacher" else self.student
-        counts, loss = self._measure(role, multi_exit=self.cfg.mode == "self")
+        counts, loss = self._measure(role, multi_exit=self.mode.multi_exit)
         if which == "student":
             self._keep_if_best(counts, epoch)
-        entry = self.pending.setdefault(epoch, {"epoch": epoch})
+        entry = self.pending.setdefault(epoch, {"kind": "epoch", "epoch": epoch})
         entry.update({f"{which}_counts": counts, f"{which}_loss": loss, f"lr_{which}": role.last_lr})
+        self._announce_evaluation(which, epoch, counts, loss, role.last_lr)
         self._emit_ready()
 
     def _student_evals(self, block: Block | None) -> None:
@@ -670,55 +568,68 @@ class Trainer:
         counts, loss = self._measure(self.student)
         self._keep_if_best(counts, epochs[-1])
         for epoch in epochs:
-            entry = self.pending.setdefault(epoch, {"epoch": epoch})
+            entry = self.pending.setdefault(epoch, {"kind": "epoch", "epoch": epoch})
             entry.update(student_counts=counts, student_loss=loss, lr_student=self.student.last_lr)
+        self._announce_evaluation("student", epochs[-1], counts, loss, self.student.last_lr)
         self._emit_ready()
 
-    def _keep_if_best(self, counts: torch.Tensor, epoch: int) -> None:
+    def _announce_evaluation(self, which: str, epoch: int, counts, loss, lr) -> None:
+        if not self.dist.is_main:
+            return
+        multi_exit = self.mode.multi_exit and which == "student"
+        accuracy = _student_accuracy(counts.tolist(), multi_exit) if counts is not None else None
+        self.callbacks.on_evaluate(self, {"role": which, "epoch": epoch, "accuracy": accuracy, "loss": loss,
+                                          "lr": lr})
+
+    def _keep_if_best(self, counts: torch.Tensor | None, epoch: int) -> None:
         """Write best.pt when the student just measured beats every earlier evaluation (its weights as measured)."""
-        acc = _student_accuracy(counts.tolist(), multi_exit=self.cfg.mode == "self")
+        if counts is None:
+            return
+        acc = _student_accuracy(counts.tolist(), multi_exit=self.mode.multi_exit)
         if self.best_acc is not None and acc <= self.best_acc:
             return
         self.best_acc = acc
         if self.dist.is_main and self.run_folder is not None:
             self.outputs.best({"format": CHECKPOINT_FORMAT, "config": self.cfg.to_dict(), "epoch": epoch,
-                               "student_acc": acc, "roles": {"student": _role_state(self.student)}})
+                               "student_acc": acc, "roles": {"student": role_state(self.student)}})
 
-    def _measure(self, role: R.Role, multi_exit: bool = False) -> tuple[torch.Tensor, float | None]:
-        """Test-set counts (CPU tensor) and the role's mean training loss since the last call. Both are computed
-        on the role's stream (the counts summed over ranks there) and read back on that same stream, after the
-        work that produced them: the default stream knows nothing of it."""
+    def _measure(self, role: R.Role, multi_exit: bool = False) -> tuple[torch.Tensor | None, float | None]:
+        """Test-set counts (CPU tensor; None without evaluation data) and the role's mean training loss since the
+        last call. Both are computed on the role's stream (the counts summed over ranks there) and read back on
+        that same stream, after the work that produced them: the default stream knows nothing of it."""
         with role.context():
-            batches = self.source.test_batches(self.cfg.eval_batch_size)
-            counts = R.evaluate(role.net, batches, self.normalize, self.device, multi_exit)
-            return all_reduce_sum(counts, self.dist).cpu(), role.take_mean_loss()
+            counts = R.evaluate(role.net, self.feed.test_batches(self.cfg.eval_batch_size), multi_exit)
+            if counts is not None:
+                counts = all_reduce_sum(counts, self.dist).cpu()
+            return counts, role.take_mean_loss()
 
     def _record_complete(self, entry: dict) -> bool:
-        if self.cfg.mode == "online":
+        if self.mode.student_learns_online:
             return "teacher_counts" in entry and "student_counts" in entry
         return "teacher_counts" in entry or "student_counts" in entry
 
     def _emit_ready(self) -> None:
-        """Write the complete metrics records in epoch order; a checkpoint follows each epoch."""
+        """Hand the complete epoch records on in epoch order; a checkpoint follows each epoch."""
         while self.pending and self._record_complete(self.pending[min(self.pending)]):
             record = self._finish_record(self.pending.pop(min(self.pending)))
             self.history.append(record)
-            self.outputs.metrics(record)
+            if self.dist.is_main:
+                self.callbacks.on_epoch_end(self, record)
             self._checkpoint_due = True
 
     def _finish_record(self, entry: dict) -> dict:
         record = {k: v for k, v in entry.items() if not k.endswith("_counts")}
-        if "teacher_counts" in entry:
+        if entry.get("teacher_counts") is not None:
             correct, total = entry["teacher_counts"].tolist()
             record["teacher_acc"] = correct / total
-        if "student_counts" in entry:
+        if entry.get("student_counts") is not None:
             counts = entry["student_counts"].tolist()
-            if self.cfg.mode == "self":
+            if self.mode.multi_exit:
                 record["exit_acc"] = [c / counts[-1] for c in counts[:-2]]
                 record["ensemble_acc"] = counts[-2] / counts[-1]
                 record["teacher_acc"] = record["exit_acc"][0]  # the deepest exit
-            record["student_acc"] = _student_accuracy(counts, multi_exit=self.cfg.mode == "self")
-        if self.cfg.mode == "offline" and "teacher_acc" not in record:
+            record["student_acc"] = _student_accuracy(counts, multi_exit=self.mode.multi_exit)
+        if len(self.mode.phases) > 1 and "teacher_acc" not in record:
             teacher_records = [r for r in self.history if "teacher_acc" in r]
             record["teacher_acc"] = teacher_records[-1]["teacher_acc"] if teacher_records else self._frozen_teacher_acc
         now = time.perf_counter()
@@ -734,6 +645,10 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def _roles(self) -> dict[str, R.Role]:
+        return {name: role for name, role in (("teacher", self.teacher), ("student", self.student))
+                if role is not None}
+
     def _checkpoint(self) -> None:
         """Write last.pt atomically: everything needed to continue bit-identically.
 
@@ -746,14 +661,22 @@ class Trainer:
             return
         self._sync()
         checkpoint_id = self.actions
-        rank_state = self._rank_state(checkpoint_id)
+        rank_state = {
+            "rank": self.dist.rank,
+            "checkpoint_id": checkpoint_id,
+            "window": self.feed.state_dict(),
+            "roles": {name: rank_role_state(role) for name, role in self._roles().items()},
+            "rng": {"cpu": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        }
+        from spacedkd_fast.engine.outputs import atomic_save
+
         rank_dir = self.run_folder / RANK_FOLDER
         if self.dist.enabled and not self.dist.is_main:
             rank_dir.mkdir(parents=True, exist_ok=True)
             atomic_save(rank_state, rank_dir / f"rank{self.dist.rank}-{checkpoint_id}.pt")
         barrier(self.dist)  # every rank file is on disk before last.pt points at them
         if self.dist.is_main:
-            roles = {"teacher": self.teacher, "student": self.student}
             state = {
                 "format": CHECKPOINT_FORMAT,
                 "config": self.cfg.to_dict(),
@@ -761,7 +684,7 @@ class Trainer:
                 "checkpoint_id": checkpoint_id,
                 "boundaries": list(self.boundaries),
                 "best_acc": self.best_acc,
-                "roles": {name: _role_state(role) for name, role in roles.items() if role is not None},
+                "roles": {name: role_state(role) for name, role in self._roles().items()},
                 "position": {"t_iter": self.t_iter, "phase": self.phase, "s_block": self.s_block,
                              "s_offset": self.s_offset, "last_action": self._last_action, "actions": self.actions,
                              "evaluated_through": self.evaluated_through},
@@ -781,42 +704,6 @@ class Trainer:
             for old in rank_dir.glob(f"rank{self.dist.rank}-*.pt"):
                 if old.name not in keep:
                     old.unlink(missing_ok=True)
-
-    def _rank_state(self, checkpoint_id: int) -> dict:
-        """What differs between ranks: the window (this rank's batches) and every random stream."""
-        roles = {"teacher": self.teacher, "student": self.student}
-        return {
-            "rank": self.dist.rank,
-            "checkpoint_id": checkpoint_id,
-            "window": self.window.state_dict(),
-            "roles": {name: {"rng": role.rng_state,
-                             "loss": (role.loss_sum.cpu() if role.loss_sum is not None else None, role.loss_count)}
-                      for name, role in roles.items() if role is not None},
-            "rng": {"cpu": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-        }
-
-    def _load_resume(self, cfg: TrainConfig) -> dict:
-        state, path = load_checkpoint(cfg.resume, log=self.log)  # last.pt, or previous.pt if that one is torn
-        if not isinstance(state, dict) or "format" not in state:
-            raise ValueError(f"--resume {cfg.resume}: {path.name} is not a spacedkd_fast checkpoint")
-        if state.get("format") == 1:  # a single-process checkpoint of the first format: same content, other places
-            state = _upgrade_format_1(state)
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"--resume {cfg.resume}: checkpoint format {state.get('format')!r}, this version reads "
-                             f"{CHECKPOINT_FORMAT}")
-        saved = TrainConfig.from_dict(state["config"])
-        differ = incompatible_fields(saved, cfg)
-        if differ:
-            details = "; ".join(f"{f}: saved {getattr(saved, f)!r}, requested {getattr(cfg, f)!r}" for f in differ)
-            raise ValueError(f"--resume {cfg.resume}: incompatible config, these fields differ from the saved run: "
-                             f"{details}" + (" (a run can be extended, not shortened)" if "epochs" in differ else ""))
-        if cfg.epochs > saved.epochs and cfg.mode == "offline":
-            raise ValueError(f"--resume {cfg.resume} --epochs {cfg.epochs}: an offline run cannot be extended (its "
-                             f"frozen teacher's phase has {saved.epochs} epochs)")
-        state["saved_epochs"] = saved.epochs
-        state["checkpoint_file"] = path.name
-        return state
 
     def _load_rank_state(self, state: dict) -> dict:
         """This rank's part of a checkpoint (rank 0's travels in last.pt)."""
@@ -839,19 +726,18 @@ class Trainer:
 
     def _restore(self, state: dict) -> None:
         rank_state = self._load_rank_state(state)
-        for name, role in (("teacher", self.teacher), ("student", self.student)):
-            if role is not None:
-                _load_role_state(role, state["roles"][name], rank_state["roles"][name], self.device)
+        for name, role in self._roles().items():
+            load_role_state(role, state["roles"][name], rank_state["roles"][name], self.device)
         position = state["position"]
         self.t_iter, self.phase = position["t_iter"], position["phase"]
         self.s_block, self.s_offset = position["s_block"], position["s_offset"]
         self._last_action, self.actions = position["last_action"], position["actions"]
         self.evaluated_through = position["evaluated_through"]
-        if self.cfg.mode == "offline" and self.phase == "student":
+        if self.phase == "student" and self.teacher is not None:
             self.teacher.net.eval()
         if self.snapshots is not None:
             self.snapshots.load_state_dict(state["snapshots"], self.device)
-        self.window.load_state_dict(rank_state["window"])
+        self.feed.load_state_dict(rank_state["window"])
         self.history = state["history"]
         self.pending = {e: dict(entry) for e, entry in state["pending"].items()}
         self.images_seen, self.elapsed_before = state["images_seen"], state["elapsed"]
@@ -866,19 +752,19 @@ class Trainer:
 
     # =================================================================================================== display
     def _describe_schedule(self) -> str:
-        if self.cfg.mode in ("base", "offline"):
-            return f"{self.iters_per_epoch} iterations/epoch × {self.cfg.epochs} epochs"
+        if not self.mode.spaced:
+            return f"{self.iters_per_epoch} iterations/epoch × {self.cfg.epochs} epochs; data: {self.data_backend}"
         text = self.schedule.describe()
         if self.schedule.block_length > 0:
-            text += f"; replay window {self.window.describe()}"
+            text += f"; replay window {self.feed.describe_window()}"
         return text + f"; data: {self.data_backend}"
 
     def total_actions(self) -> int:
         """Optimizer steps of the whole run (the progress bar's total)."""
         total = self.schedule.total_iterations
-        if self.cfg.mode == "offline":
+        if len(self.mode.phases) > 1:
             return total + self._student_epoch_offset * self.iters_per_epoch
-        if self.cfg.mode == "base":
+        if not self.mode.spaced:
             return total
         return total + sum(b.length for b in self.schedule.blocks if self._replays(b))
 
@@ -891,22 +777,16 @@ class Trainer:
                     mininterval=0.5, desc=f"{self.cfg.mode} s={self.schedule.space:g}", leave=False)
 
 
-def _role_state(role: R.Role) -> dict:
-    """What a role shares across ranks (DDP keeps it identical): weights, head, optimizer, step count."""
-    return {"model": role.net.state_dict(), "optimizer": role.optimizer.state_dict(),
-            "extra": role.head.state_dict() if role.head is not None else None,
-            "steps": role.steps, "last_lr": role.last_lr}
-
-
-def _load_role_state(role: R.Role, saved: dict, rank_saved: dict, device: torch.device) -> None:
-    role.net.load_state_dict(saved["model"])
-    role.optimizer.load_state_dict(saved["optimizer"])
-    if role.head is not None and saved["extra"] is not None:
-        role.head.load_state_dict(saved["extra"])
-    role.steps, role.last_lr = saved["steps"], saved["last_lr"]
-    role.rng_state = rank_saved["rng"]
-    loss_sum, role.loss_count = rank_saved["loss"]
-    role.loss_sum = loss_sum.to(device) if loss_sum is not None else None
+def _with_settings(cfg: TrainConfig, settings: dict) -> TrainConfig:
+    """``cfg`` with keyword settings applied (names checked: a typo is an error, not a silent default)."""
+    if not settings:
+        return cfg
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(settings) - fields)
+    if unknown:
+        raise TypeError(f"Trainer got unknown setting(s) {', '.join(unknown)}; settings are TrainConfig fields "
+                        f"(e.g. mode, space, epochs, batch_size, lr, alpha, temperature, beta, out)")
+    return dataclasses.replace(cfg, **settings)
 
 
 def _student_accuracy(counts: list, multi_exit: bool) -> float:
@@ -917,27 +797,11 @@ def _student_accuracy(counts: list, multi_exit: bool) -> float:
     return counts[0] / counts[1]
 
 
-def _schedule_boundaries(resume_state: dict | None, cfg: TrainConfig) -> tuple[int, ...]:
-    """Epochs at which earlier, shorter schedules of this run ended (``--resume DIR --epochs N`` extends one)."""
-    if resume_state is None:
-        return ()
-    boundaries = tuple(resume_state.get("boundaries", ()))
-    if resume_state["saved_epochs"] < cfg.epochs:
-        boundaries += (resume_state["saved_epochs"],)
-    return boundaries
-
-
-def _upgrade_format_1(state: dict) -> dict:
-    """A format-1 checkpoint (one process) as format 2: the window and random streams become rank 0's state."""
-    rank_state = {"rank": 0, "checkpoint_id": state["position"]["actions"], "window": state.pop("window"),
-                  "rng": state.pop("rng"),
-                  "roles": {name: {"rng": r.pop("rng"), "loss": r.pop("loss")} for name, r in state["roles"].items()}}
-    return {**state, "format": CHECKPOINT_FORMAT, "world": 1, "checkpoint_id": rank_state["checkpoint_id"],
-            "rank_state": rank_state}
-
-
 class _NoProgress:
     def update(self, n: int) -> None:
+        pass
+
+    def set_postfix_str(self, text: str, refresh: bool = True) -> None:
         pass
 
     def close(self) -> None:
