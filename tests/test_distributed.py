@@ -162,3 +162,37 @@ def test_ranks_write_to_rank_0s_output_folder(tmp_path):
     assert {line for _, out, _ in results for line in out.splitlines()} == {f"FOLDER {tmp_path}/given-by-rank0"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["given-by-rank0"]
     assert [p.name for p in (tmp_path / "given-by-rank0" / "ranks").iterdir()][0].startswith("rank1-")
+
+
+def test_user_modules_and_dataset_train_under_ddp_with_sharded_batches(tmp_path):
+    """The engine with a user Dataset and modules under DDP: each rank replays its own shard (different batch
+    hashes), the weights stay identical across ranks, the evaluation counts cover the whole eval set once."""
+    script = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {str(os.path.dirname(__file__))!r})
+        from test_engine_api import user_run
+        trainer = user_run(r"{tmp_path}/run", threads=1, trace_batches=False)
+        digests = []
+        trainer.outputs.trace = True
+        trainer.outputs.batch = lambda role, step, digest, *a: digests.append((role, digest))
+        summary = trainer.fit()
+        rank = trainer.dist.rank
+        counts, _ = trainer._measure(trainer.student)
+        params = {{n: p.detach() for n, p in trainer.student.net.named_parameters()}}
+        torch.save({{"net": params, "digests": digests, "counts": counts, "acc": summary.student_acc}},
+                   r"{tmp_path}/rank" + str(rank) + ".pt")
+        from spacedkd_fast.engine.distributed import shutdown
+        shutdown(trainer.dist)
+    """)
+    results = _finish(_start([sys.executable, "-c", script]))
+    for code, _, stderr in results:
+        assert code == 0, stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for k in ranks[0]["net"]:
+        assert torch.equal(ranks[0]["net"][k], ranks[1]["net"][k]), f"{k} differs between ranks"
+    for r in ranks:
+        teacher = [d for role, d in r["digests"] if role == "teacher"]
+        student = [d for role, d in r["digests"] if role == "student"]
+        assert len(teacher) == 16 and student == teacher  # each rank replays exactly its own shard
+    assert set(ranks[0]["digests"]).isdisjoint(ranks[1]["digests"])
+    assert ranks[0]["counts"].tolist() == ranks[1]["counts"].tolist() and ranks[0]["counts"][-1] == 64

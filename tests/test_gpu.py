@@ -54,6 +54,22 @@ def test_two_streams_give_the_sequential_weights_and_evaluations(extra):
         assert [r[key] for r in sequential.history] == [r[key] for r in overlapped.history], key
 
 
+def test_user_modules_and_dataset_overlap_on_two_streams_with_the_sequential_weights(tmp_path):
+    """The engine with a user Dataset and modules on CUDA: the window keeps batches as produced, written on the
+    teacher's stream and read on the student's (events, record_stream), pinned DataLoader batches."""
+    from test_engine_api import user_run
+
+    runs = {}
+    for overlap in (False, True):
+        trainer = user_run(tmp_path / str(overlap), device="cuda", deterministic=True, overlap=overlap)
+        trainer.fit()
+        assert (trainer.teacher.stream is not None) == overlap
+        runs[overlap] = {name: {k: v.cpu() for k, v in role.net.state_dict().items()}
+                         for name, role in (("teacher", trainer.teacher), ("student", trainer.student))}
+    for name in ("teacher", "student"):
+        assert_bit_identical(runs[False][name], runs[True][name])
+
+
 def test_resume_on_cuda_is_bit_identical(tmp_path):
     uninterrupted = run(cuda(space=0.75, overlap=True))
     out = tmp_path / "run"

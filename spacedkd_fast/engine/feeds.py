@@ -312,6 +312,7 @@ class LoaderFeed:
         self.window: BatchWindow | None = None
         self.capacity = 0
         self._regenerate: set[int] = set()  # iterations beyond both budgets: fetched again when replayed
+        self._ready: dict[int, torch.cuda.Event] = {}  # CUDA: kept batch -> written on the teacher's stream
         self._iterator: Iterator | None = None
         self._next = -1
         self._sample_shapes: tuple | None = None  # the first batch's per-sample shapes (batches may not change)
@@ -431,14 +432,24 @@ class LoaderFeed:
         w = self.window
         if (w.nbytes("device") + size > w.device_budget) and (w.nbytes("host") + size > w.host_budget):
             self._regenerate.add(iteration)  # a pure function of the iteration: fetched again for the replay
-        else:
-            w.put(iteration, stored)
+            return
+        w.put(iteration, stored)
+        if self.device.type == "cuda":  # the student may read it on another stream: it waits for this point
+            self._ready[iteration] = torch.cuda.Event()
+            self._ready[iteration].record(torch.cuda.current_stream(self.device))
 
     def replayed(self, iteration: int):
         if iteration in self._regenerate:
             stored = self._to_device(self._fetch(iteration, sequential=False), iteration)
-        else:
-            stored = self.window.get(iteration)
+            return (stored, *self.inputs(stored))
+        ready = self._ready.pop(iteration, None)
+        if ready is not None:
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(ready)
+        stored = self.window.get(iteration)
+        if ready is not None:
+            for t in pytree.tree_leaves(stored):
+                t.record_stream(stream)  # written on the teacher's stream, read on this one: freed after both
         return (stored, *self.inputs(stored))
 
     def prefetch(self, iteration: int) -> None:

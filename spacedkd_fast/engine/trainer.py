@@ -436,8 +436,9 @@ class Trainer:
                 R.ce_step(obj, role, x, y, i, multi_exit=phase.fresh == "ce_deepest")
                 if block is not None and i == block.stop - 1 and self._replays(block) and self.snapshots is not None:
                     self.snapshots.take(block.index, self.teacher.net, self.device)
-            if self.outputs.trace:
-                self.outputs.batch(role.name, role.steps - 1, self.feed.digest(stored))
+            if self.outputs.trace:  # spaced modes: the fresh timeline is the teacher's (self KD's deepest exit)
+                label = "teacher" if self.mode.spaced else role.name
+                self.outputs.batch(label, role.steps - 1, self.feed.digest(stored))
         self.images_seen += y.shape[0] * self.dist.world
         self.t_iter += 1
         return role, i
