@@ -22,6 +22,7 @@ Iterations are 0-based global teacher iterations: iteration ``i`` belongs to epo
 
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 from dataclasses import dataclass
@@ -119,6 +120,14 @@ class SpacingSchedule:
                                 replay=self.replay_tail or not is_tail))
             start += length
         return tuple(blocks)
+
+    @functools.cached_property
+    def _block_starts(self) -> list[int]:
+        return [b.start for b in self.blocks]
+
+    def block_at(self, iteration: int) -> Block:
+        """The block holding teacher iteration ``iteration`` (0 ≤ iteration < total_iterations)."""
+        return self.blocks[bisect.bisect_right(self._block_starts, iteration) - 1]
 
     @property
     def student_iterations(self) -> int:

@@ -93,3 +93,10 @@ def test_an_extended_run_keeps_its_blocks():
     assert [b.replay for b in dropped.blocks] == [True, True, False, True, True, False]
     with pytest.raises(ValueError, match="boundaries must be increasing epochs"):
         SpacingSchedule(0.75, 8, 4, boundaries=(4,))
+
+
+def test_block_at_finds_the_block_of_every_iteration():
+    schedule = SpacingSchedule(1.5, 10, 4, start_epoch=1, boundaries=(3,))
+    for i in range(schedule.total_iterations):
+        block = schedule.block_at(i)
+        assert block.start <= i < block.stop and schedule.blocks[block.index] is block

@@ -37,7 +37,7 @@ from spacedkd_fast.data.files import FILE_DATASET_NAMES, FileDataset, scan_folde
 from spacedkd_fast.data.pipeline import derive_seed, make_source, shard_chunks
 from spacedkd_fast.data.producer import Prefetcher
 from spacedkd_fast.data.window import TierPlan, WindowCache
-from spacedkd_fast.engine.replay import BatchWindow
+from spacedkd_fast.engine.replay import BatchWindow, batch_nbytes
 
 
 def batch_digest(*tensors: Tensor) -> str:
@@ -428,12 +428,10 @@ class LoaderFeed:
         return len(self) < self.capacity
 
     def keep(self, iteration: int, stored, plan) -> None:
-        size = sum(x.numel() * x.element_size() for x in pytree.tree_leaves(stored))
-        w = self.window
-        if (w.nbytes("device") + size > w.device_budget) and (w.nbytes("host") + size > w.host_budget):
+        if self.window.tier_for(batch_nbytes(stored)) is None:
             self._regenerate.add(iteration)  # a pure function of the iteration: fetched again for the replay
             return
-        w.put(iteration, stored)
+        self.window.put(iteration, stored)
         if self.device.type == "cuda":  # the student may read it on another stream: it waits for this point
             self._ready[iteration] = torch.cuda.Event()
             self._ready[iteration].record(torch.cuda.current_stream(self.device))

@@ -24,7 +24,6 @@ snapshots :class:`~spacedkd_fast.engine.roles.SnapshotPool`: the same parts the 
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,7 +32,8 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from spacedkd_fast.engine.roles import SnapshotPool, unwrap
-from spacedkd_fast.schedule import Block, SpacingSchedule
+from spacedkd_fast.engine.runtime import default_window_budgets
+from spacedkd_fast.schedule import SpacingSchedule
 
 Batch = Any  # a tensor, or a (nested) tuple / list / dict of tensors
 
@@ -65,6 +65,14 @@ class BatchWindow:
     def nbytes(self, tier: str) -> int:
         return self._bytes[tier]
 
+    def tier_for(self, size: int) -> str | None:
+        """The tier a batch of ``size`` bytes would go to now: "device", "host", or None (it fits neither)."""
+        if self._bytes["device"] + size <= self.device_budget:
+            return "device"
+        if self._bytes["host"] + size <= self.host_budget:
+            return "host"
+        return None
+
     def put(self, iteration: int, batch: Batch) -> str:
         """Store a copy of ``batch``; returns the tier it went to."""
         if iteration in self._entries:
@@ -80,12 +88,12 @@ class BatchWindow:
         elif structure != self._structure:
             raise ValueError(f"batch {iteration} is {_describe(*structure)}; the earlier batches were "
                              f"{_describe(*self._structure)}")
-        size = sum(x.numel() * x.element_size() for x in leaves)
+        size = batch_nbytes(leaves)
         cuda = self.device.type == "cuda"
-        if self._bytes["device"] + size <= self.device_budget:
-            tier, stored = "device", [x.detach().to(self.device, copy=True) for x in leaves]
-        elif self._bytes["host"] + size <= self.host_budget:
-            tier = "host"
+        tier = self.tier_for(size)
+        if tier == "device":
+            stored = [x.detach().to(self.device, copy=True) for x in leaves]
+        elif tier == "host":
             stored = []
             for x in leaves:
                 host = torch.empty(x.shape, dtype=x.dtype, pin_memory=cuda)  # pinned: asynchronous copies
@@ -108,7 +116,7 @@ class BatchWindow:
 
     def release(self, iteration: int) -> None:
         tier, leaves, _ = self._entries.pop(iteration)
-        self._bytes[tier] -= sum(x.numel() * x.element_size() for x in leaves)
+        self._bytes[tier] -= batch_nbytes(leaves)
 
     def state_dict(self) -> dict:
         """The held batches as CPU tensors (plain containers: loads with ``weights_only=True``)."""
@@ -125,6 +133,11 @@ class BatchWindow:
             self.put(iteration, pytree.tree_unflatten(leaves, spec))
 
 
+def batch_nbytes(batch: Batch) -> int:
+    """Bytes of a batch's tensors."""
+    return sum(x.numel() * x.element_size() for x in pytree.tree_leaves(batch))
+
+
 class _Shown(str):
     def __repr__(self) -> str:
         return str(self)
@@ -133,16 +146,6 @@ class _Shown(str):
 def _describe(spec, dtypes) -> str:
     """A batch structure with its dtypes, e.g. ``(float32, int64)`` or ``{'image': float32, 'label': int64}``."""
     return repr(pytree.tree_unflatten([_Shown(str(d).removeprefix("torch.")) for d in dtypes], spec))
-
-
-def default_budgets(device: torch.device) -> tuple[float, float]:
-    """25 % of free device memory for the window, and on CUDA 25 % of available host memory for spilled batches."""
-    from spacedkd_fast.engine.runtime import _available_host_memory
-
-    device = torch.device(device)
-    if device.type == "cuda":
-        return 0.25 * torch.cuda.mem_get_info(device)[0], 0.25 * _available_host_memory()
-    return 0.25 * _available_host_memory(), 0.0
 
 
 class SpacedReplay:
@@ -179,14 +182,13 @@ class SpacedReplay:
             first = next(unwrap(teacher).parameters(), None)
             device = first.device if first is not None else torch.device("cpu")
         self.device = torch.device(device)
-        default_device, default_host = default_budgets(self.device)
+        default_device, default_host = default_window_budgets(self.device)
         for name, value in (("window_budget", window_budget), ("host_budget", host_budget)):
             if value is not None and not value >= 0:
                 raise ValueError(f"SpacedReplay: {name} must be >= 0 bytes, got {value!r}")
         self.window = BatchWindow(self.device, default_device if window_budget is None else window_budget,
                                   default_host if host_budget is None else host_budget)
         self._snapshots = SnapshotPool(teacher, 1, teacher_bn)
-        self._starts = [b.start for b in self.schedule.blocks]
         self.iteration = 0  # fresh batches seen so far
         self._open: Iterator | None = None  # replays handed out and not yet consumed
 
@@ -194,9 +196,6 @@ class SpacedReplay:
     def block_length(self) -> int:
         """N, the batches of a (full) block; 0 for online KD."""
         return self.schedule.block_length
-
-    def _block_at(self, iteration: int) -> Block:
-        return self.schedule.blocks[bisect.bisect_right(self._starts, iteration) - 1]
 
     def step(self, batch: Batch) -> Iterator[tuple[Batch, nn.Module]]:
         """Record the teacher's fresh ``batch`` (call it after the teacher's step on it) and return the replays due
@@ -208,7 +207,7 @@ class SpacedReplay:
             raise RuntimeError(f"SpacedReplay.step: the schedule has {total} iterations "
                                f"({self.schedule.epochs} epochs × {self.schedule.iters_per_epoch}); this is batch "
                                f"{self.iteration + 1} (is iters_per_epoch right?)")
-        i, block = self.iteration, self._block_at(self.iteration)
+        i, block = self.iteration, self.schedule.block_at(self.iteration)
         if block.online:
             self.iteration += 1
             return self._hand_out(iter([(batch, self.teacher)]))

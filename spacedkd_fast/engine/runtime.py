@@ -71,19 +71,20 @@ def _available_host_memory() -> int:
     return 8 * 2**30
 
 
-def window_budgets(cfg: TrainConfig, device: torch.device, local_world: int = 1) -> tuple[float, float]:
-    """Bytes for the device and host tiers of the replay window of this process (see ``--window-budget``/
-    ``--host-budget``, which are per process). The defaults share host memory between the ``local_world``
-    processes of this machine: 25 % of it in all, not per rank."""
+def default_window_budgets(device: torch.device, local_world: int = 1) -> tuple[float, float]:
+    """Default bytes for the device and host tiers of one process's replay window: 25 % of free device memory
+    (each rank has a GPU of its own) and, with CUDA, 25 % of available host memory shared by the ``local_world``
+    processes of this machine; on a CPU the "device" tier is host memory already, and there is no host tier."""
     host_share = 0.25 * _available_host_memory() / max(local_world, 1)
-    if cfg.window_budget is not None:
-        device_budget = cfg.window_budget * 1e9
-    elif device.type == "cuda":
-        device_budget = 0.25 * torch.cuda.mem_get_info(device)[0]  # each rank has a GPU of its own
-    else:
-        device_budget = host_share
-    if cfg.host_budget is not None:
-        host_budget = cfg.host_budget * 1e9
-    else:  # on a CPU the "device" tier already is host memory
-        host_budget = host_share if device.type == "cuda" else 0.0
+    if device.type == "cuda":
+        return 0.25 * torch.cuda.mem_get_info(device)[0], host_share
+    return host_share, 0.0
+
+
+def window_budgets(cfg: TrainConfig, device: torch.device, local_world: int = 1) -> tuple[float, float]:
+    """Bytes for the device and host tiers of the replay window of this process: ``--window-budget`` /
+    ``--host-budget`` (GB, per process) where given, else :func:`default_window_budgets`."""
+    default_device, default_host = default_window_budgets(device, local_world)
+    device_budget = cfg.window_budget * 1e9 if cfg.window_budget is not None else default_device
+    host_budget = cfg.host_budget * 1e9 if cfg.host_budget is not None else default_host
     return device_budget, host_budget
