@@ -63,29 +63,27 @@ class Callbacks(Callback):
             if not isinstance(cb, Callback):
                 raise TypeError(f"callbacks must be spacedkd_fast.engine.Callback instances, got {type(cb).__name__}")
 
-    def on_fit_start(self, trainer) -> None:
+    def _each(self, hook: str, *args) -> None:
         for cb in self.callbacks:
-            cb.on_fit_start(trainer)
+            getattr(cb, hook)(*args)
+
+    def on_fit_start(self, trainer) -> None:
+        self._each("on_fit_start", trainer)
 
     def on_step_end(self, trainer, step: dict) -> None:
-        for cb in self.callbacks:
-            cb.on_step_end(trainer, step)
+        self._each("on_step_end", trainer, step)
 
     def on_log(self, trainer, record: dict) -> None:
-        for cb in self.callbacks:
-            cb.on_log(trainer, record)
+        self._each("on_log", trainer, record)
 
     def on_evaluate(self, trainer, record: dict) -> None:
-        for cb in self.callbacks:
-            cb.on_evaluate(trainer, record)
+        self._each("on_evaluate", trainer, record)
 
     def on_epoch_end(self, trainer, record: dict) -> None:
-        for cb in self.callbacks:
-            cb.on_epoch_end(trainer, record)
+        self._each("on_epoch_end", trainer, record)
 
     def on_fit_end(self, trainer, summary) -> None:
-        for cb in self.callbacks:
-            cb.on_fit_end(trainer, summary)
+        self._each("on_fit_end", trainer, summary)
 
 
 def epoch_records(records: list[dict]) -> list[dict]:

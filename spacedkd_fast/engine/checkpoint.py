@@ -71,14 +71,14 @@ def load_role_state(role: R.Role, saved: dict, rank_saved: dict, device: torch.d
         role.lr_policy.load_state_dict(saved["lr_policy"])
     role.steps, role.last_lr = saved["steps"], saved["last_lr"]
     role.rng_state = rank_saved["rng"]
-    loss_sum, role.loss_count = rank_saved["loss"]
-    role.loss_sum = loss_sum.to(device) if loss_sum is not None else None
+    total, count = rank_saved["loss"]
+    role.epoch_loss = R.RunningLoss(total.to(device) if total is not None else None, count)
 
 
 def rank_role_state(role: R.Role) -> dict:
     """What differs between ranks in a role: its random stream and its running loss."""
-    return {"rng": role.rng_state, "loss": (role.loss_sum.cpu() if role.loss_sum is not None else None,
-                                            role.loss_count)}
+    loss = role.epoch_loss
+    return {"rng": role.rng_state, "loss": (loss.total.cpu() if loss.total is not None else None, loss.count)}
 
 
 def upgrade_format_1(state: dict) -> dict:

@@ -62,12 +62,6 @@ class Mode:
     def phase(self, name: str) -> Phase:
         return next(p for p in self.phases if p.name == name)
 
-    @property
-    def evaluated_role_per_phase(self) -> dict[str, str]:
-        """The role evaluated at each epoch end of a phase (modes with one timeline evaluate the one network;
-        online evaluates both, each when it reaches the epoch)."""
-        return {p.name: p.trains for p in self.phases}
-
 
 MODES: dict[str, Mode] = {
     "online": Mode("online", ("teacher", "student"), (Phase("teacher", "teacher", "ce"),),

@@ -138,6 +138,26 @@ class Objectives:
 
 
 @dataclass
+class RunningLoss:
+    """A mean of step losses kept on the device (no host sync per step); :meth:`take` reads it once and restarts."""
+
+    total: Tensor | None = None
+    count: int = 0
+
+    def add(self, value: Tensor) -> None:
+        self.total = value if self.total is None else self.total + value
+        self.count += 1
+
+    def take(self) -> float | None:
+        """The mean since the last call (one host sync), or None without steps."""
+        if self.count == 0:
+            return None
+        mean = float(self.total) / self.count
+        self.total, self.count = None, 0
+        return mean
+
+
+@dataclass
 class Role:
     """A trained network with its optimizer, stream, random stream and running loss.
 
@@ -150,14 +170,12 @@ class Role:
     optimizer: torch.optim.Optimizer
     stream: torch.cuda.Stream | None = None
     steps: int = 0
-    loss_sum: Tensor | None = None  # on device: no host sync per step
-    loss_count: int = 0
+    epoch_loss: RunningLoss = field(default_factory=RunningLoss)  # the mean training loss of an epoch record
     last_lr: float = 0.0
     rng_state: dict | None = None  # this role's CPU/CUDA generator states (see ``context``)
     device: torch.device | None = None  # the CUDA device whose generator ``context`` swaps
     lr_policy: PositionLR | SchedulerLR | KeepLR = field(default_factory=KeepLR)
-    log_sum: Tensor | None = None  # losses since the last per-step log record (on device)
-    log_count: int = 0
+    step_loss: RunningLoss = field(default_factory=RunningLoss)  # ... of a step record (every --log-every steps)
 
     @property
     def net(self) -> FeatureForward:
@@ -206,26 +224,8 @@ class Role:
 
     def record_loss(self, loss: Tensor) -> None:
         value = loss.detach().float()
-        self.loss_sum = value if self.loss_sum is None else self.loss_sum + value
-        self.loss_count += 1
-        self.log_sum = value if self.log_sum is None else self.log_sum + value
-        self.log_count += 1
-
-    def take_log_loss(self) -> float | None:
-        """Mean loss since the last per-step record (one host sync)."""
-        if self.log_count == 0:
-            return None
-        mean = float(self.log_sum) / self.log_count
-        self.log_sum, self.log_count = None, 0
-        return mean
-
-    def take_mean_loss(self) -> float | None:
-        """Mean loss since the last call (one host sync)."""
-        if self.loss_count == 0:
-            return None
-        mean = float(self.loss_sum) / self.loss_count
-        self.loss_sum, self.loss_count = None, 0
-        return mean
+        self.epoch_loss.add(value)
+        self.step_loss.add(value)
 
     def optimizer_step(self, loss: Tensor, iteration: int) -> None:
         """Backward and one optimizer step at the learning rate of data iteration ``iteration``."""

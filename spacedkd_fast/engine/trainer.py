@@ -24,7 +24,6 @@ streams that run concurrently, synchronized only by events on the window slots a
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import signal
 import time
@@ -64,7 +63,14 @@ from spacedkd_fast.engine.distributed import (
     init_distributed,
 )
 from spacedkd_fast.engine.modes import MODES
-from spacedkd_fast.engine.outputs import CHECKPOINT, RunOutputs, check_run_folder, clear_run_folder, summary_table
+from spacedkd_fast.engine.outputs import (
+    CHECKPOINT,
+    RunOutputs,
+    atomic_save,
+    check_run_folder,
+    clear_run_folder,
+    summary_table,
+)
 from spacedkd_fast.engine.runtime import bind_device, configure_math, resolve_device, window_budgets
 from spacedkd_fast.schedule import Block, SpacingSchedule
 
@@ -175,7 +181,6 @@ class Trainer:
         self.boundaries = schedule_boundaries(resume_state, cfg)  # the lengths an extended run had before
         self.schedule = SpacingSchedule(space, self.iters_per_epoch, cfg.epochs, start_epoch=cfg.start_epoch,
                                         replay_tail=cfg.replay_tail, boundaries=self.boundaries)
-        self._block_starts = [b.start for b in self.schedule.blocks]
         capacity = max(self.schedule.block_length, 1) + (OVERLAP_SLACK if self.overlap else 0)
         self.feed.make_window(capacity, *window_budgets(cfg, self.device, self.dist.local_world), cfg.window_storage)
 
@@ -274,9 +279,6 @@ class Trainer:
         while index < len(blocks) and not self._replays(blocks[index]):
             index += 1
         return index
-
-    def _block_at(self, iteration: int) -> Block:
-        return self.schedule.blocks[bisect.bisect_right(self._block_starts, iteration) - 1]
 
     @property
     def source(self):
@@ -393,7 +395,7 @@ class Trainer:
             return False
         if not self.mode.spaced:
             return True
-        block = self._block_at(self.t_iter)
+        block = self.schedule.block_at(self.t_iter)
         if block.online:
             return not self.online_outputs  # the s = 0 student consumes each batch before the next one
         if self._replays(block) and not self.feed.is_free(self.t_iter):
@@ -422,7 +424,7 @@ class Trainer:
             waited = time.perf_counter()
             stored, plan, x, y = self.feed.fresh(self._data_iteration())
             self.data_wait_s += time.perf_counter() - waited
-            block = self._block_at(i) if self.mode.spaced else None
+            block = self.schedule.block_at(i) if self.mode.spaced else None
             if phase.fresh == "distill_frozen":
                 R.frozen_teacher_step(obj, role, self.teacher.net, x, y, i)
             elif block is not None and block.online and self.mode.online == "byot":
@@ -525,7 +527,7 @@ class Trainer:
         now = time.perf_counter()
         start, seen = self._step_clock
         self._step_clock = (now, self.images_seen)
-        record = {"kind": "step", **step, "loss": role.take_log_loss(), "lr": role.last_lr,
+        record = {"kind": "step", **step, "loss": role.step_loss.take(), "lr": role.last_lr,
                   "images_per_s": (self.images_seen - seen) / max(now - start, 1e-9),
                   "elapsed_s": self.elapsed_before + now - self._start}
         self._progress.set_postfix_str(f"{role.name} loss {record['loss']:.4g}", refresh=False)
@@ -602,7 +604,7 @@ class Trainer:
             counts = R.evaluate(role.net, self.feed.test_batches(self.cfg.eval_batch_size), multi_exit)
             if counts is not None:
                 counts = all_reduce_sum(counts, self.dist).cpu()
-            return counts, role.take_mean_loss()
+            return counts, role.epoch_loss.take()
 
     def _record_complete(self, entry: dict) -> bool:
         if self.mode.student_learns_online:
@@ -670,8 +672,6 @@ class Trainer:
             "rng": {"cpu": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
         }
-        from spacedkd_fast.engine.outputs import atomic_save
-
         rank_dir = self.run_folder / RANK_FOLDER
         if self.dist.enabled and not self.dist.is_main:
             rank_dir.mkdir(parents=True, exist_ok=True)
