@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from spacedkd_fast.models.weights import load_error_reason
+
 CHECKPOINT = "last.pt"
 PREVIOUS = "previous.pt"
 BEST = "best.pt"
@@ -68,9 +70,7 @@ def load_checkpoint(folder: str | os.PathLike, log=print) -> tuple[dict, Path]:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain containers only
         except Exception as exc:  # noqa: BLE001 - a torn or foreign file raises many types
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            reason = reason.split(". ")[0][:160]  # torch's own message goes on for a paragraph
-            problems.append(f"{name}: unreadable ({type(exc).__name__}: {reason})")
+            problems.append(f"{name}: unreadable ({type(exc).__name__}: {load_error_reason(exc)})")
             continue
         if problems:
             log(f"spacedkd_fast: --resume {folder}: {problems[-1]}; resuming from {name} instead")

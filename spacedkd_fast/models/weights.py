@@ -19,6 +19,13 @@ from torch import Tensor, nn
 _WRAPPER_PREFIXES = ("inner.", "module.", "model.", "_orig_mod.")
 
 
+def load_error_reason(exc: BaseException) -> str:
+    """A torch.load failure in a few words: the first sentence of its first line (torch's own message goes on for
+    a paragraph), at most 160 characters, or the exception's type when it says nothing."""
+    text = str(exc).strip()
+    return text.splitlines()[0].split(". ")[0][:160] if text else type(exc).__name__
+
+
 def read_state_dict(path: str) -> dict[str, Tensor]:
     """The tensors of ``path`` (see the module docstring)."""
     file = Path(path).expanduser()
@@ -36,8 +43,8 @@ def read_state_dict(path: str) -> dict[str, Tensor]:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torn files and foreign pickles raise many types
-        reason = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"--teacher-weights {path}: cannot read {file.name} ({type(exc).__name__}: {reason})") from exc
+        raise ValueError(f"--teacher-weights {path}: cannot read {file.name} ({type(exc).__name__}: "
+                         f"{load_error_reason(exc)})") from exc
     if isinstance(state, dict) and "roles" in state and "format" in state:  # a checkpoint of this package
         roles = state["roles"]
         role = "teacher" if "teacher" in roles else "student"
