@@ -52,6 +52,19 @@ def _finish(procs, timeout=600) -> list[tuple[int, str, str]]:
     return out
 
 
+def _rank_results(script: str, folder, world: int = 2) -> list[dict]:
+    """Run ``script`` on ``world`` ranks; it builds a ``trainer`` and a ``result`` dict, which each rank saves.
+    Returns the ranks' results in rank order (every rank must exit 0)."""
+    script += textwrap.dedent(f"""
+        torch.save(result, r"{folder}/rank" + str(trainer.dist.rank) + ".pt")
+        from spacedkd_fast.engine.distributed import shutdown
+        shutdown(trainer.dist)
+    """)
+    for code, _, stderr in _finish(_start([sys.executable, "-c", script], world=world)):
+        assert code == 0, stderr[-3000:]
+    return [torch.load(folder / f"rank{r}.pt", weights_only=True) for r in range(world)]
+
+
 def _train(*args) -> list[subprocess.Popen]:
     return _start([sys.executable, "-m", "spacedkd_fast.train", *RUN, *args])
 
@@ -59,7 +72,7 @@ def _train(*args) -> list[subprocess.Popen]:
 def test_self_kd_with_feature_term_trains_with_synchronized_adapters(tmp_path):
     """`--mode self --beta` under DDP crashed (the adapters lived outside DDP); their gradients must be
     all-reduced, so both ranks end with the same adapters although each saw its own shard."""
-    script = textwrap.dedent(f"""
+    script = textwrap.dedent("""
         import sys, torch
         from spacedkd_fast.config import TrainConfig
         from spacedkd_fast.engine import Trainer
@@ -67,18 +80,11 @@ def test_self_kd_with_feature_term_trains_with_synchronized_adapters(tmp_path):
                           batch_size=32, eval_batch_size=128, threads=1, device="cpu", progress=False)
         trainer = Trainer(cfg, log=lambda *a: None)
         summary = trainer.fit()
-        rank = trainer.dist.rank
-        head = trainer.student.head
-        params = lambda m: {{n: p.detach() for n, p in m.named_parameters()}}  # BN buffers are rank-local
-        torch.save({{"net": params(trainer.student.net), "head": params(head), "acc": summary.student_acc}},
-                   r"{tmp_path}/rank" + str(rank) + ".pt")
-        from spacedkd_fast.engine.distributed import shutdown
-        shutdown(trainer.dist)
+        params = lambda m: {n: p.detach() for n, p in m.named_parameters()}  # BN buffers are rank-local
+        result = {"net": params(trainer.student.net), "head": params(trainer.student.head),
+                  "acc": summary.student_acc}
     """)
-    results = _finish(_start([sys.executable, "-c", script]))
-    for code, _, stderr in results:
-        assert code == 0, stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    ranks = _rank_results(script, tmp_path)
     assert ranks[0]["head"].keys() and ranks[0]["head"].keys() == ranks[1]["head"].keys()
     for part in ("net", "head"):
         for k in ranks[0][part]:
@@ -176,18 +182,11 @@ def test_user_modules_and_dataset_train_under_ddp_with_sharded_batches(tmp_path)
         trainer.outputs.trace = True
         trainer.outputs.batch = lambda role, step, digest, *a: digests.append((role, digest))
         summary = trainer.fit()
-        rank = trainer.dist.rank
         counts, _ = trainer._measure(trainer.student)
         params = {{n: p.detach() for n, p in trainer.student.net.named_parameters()}}
-        torch.save({{"net": params, "digests": digests, "counts": counts, "acc": summary.student_acc}},
-                   r"{tmp_path}/rank" + str(rank) + ".pt")
-        from spacedkd_fast.engine.distributed import shutdown
-        shutdown(trainer.dist)
+        result = {{"net": params, "digests": digests, "counts": counts, "acc": summary.student_acc}}
     """)
-    results = _finish(_start([sys.executable, "-c", script]))
-    for code, _, stderr in results:
-        assert code == 0, stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    ranks = _rank_results(script, tmp_path)
     for k in ranks[0]["net"]:
         assert torch.equal(ranks[0]["net"][k], ranks[1]["net"][k]), f"{k} differs between ranks"
     for r in ranks:
