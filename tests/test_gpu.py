@@ -54,14 +54,16 @@ def test_two_streams_give_the_sequential_weights_and_evaluations(extra):
         assert [r[key] for r in sequential.history] == [r[key] for r in overlapped.history], key
 
 
-def test_user_modules_and_dataset_overlap_on_two_streams_with_the_sequential_weights(tmp_path):
+@pytest.mark.parametrize("space", [0.5, 0.0], ids=["spaced", "online"])
+def test_user_modules_and_dataset_overlap_on_two_streams_with_the_sequential_weights(tmp_path, space):
     """The engine with a user Dataset and modules on CUDA: the window keeps batches as produced, written on the
-    teacher's stream and read on the student's (events, record_stream), pinned DataLoader batches."""
+    teacher's stream and read on the student's (events, record_stream); at s = 0 the teacher's outputs and the
+    batch cross the streams directly; pinned DataLoader batches."""
     from test_engine_api import user_run
 
     runs = {}
     for overlap in (False, True):
-        trainer = user_run(tmp_path / str(overlap), device="cuda", deterministic=True, overlap=overlap)
+        trainer = user_run(tmp_path / str(overlap), device="cuda", deterministic=True, overlap=overlap, space=space)
         trainer.fit()
         assert (trainer.teacher.stream is not None) == overlap
         runs[overlap] = {name: {k: v.cpu() for k, v in role.net.state_dict().items()}
