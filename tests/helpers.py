@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from spacedkd_fast import kd_loss, kd_loss_reference
@@ -14,6 +15,21 @@ from spacedkd_fast import kd_loss, kd_loss_reference
 LOSS_TOL = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (2e-5, 2e-5), torch.float16: (2e-5, 2e-5)}
 GRAD_TOL = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (1e-2, 2e-3), torch.float16: (2e-3, 3e-4)}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _loss_backends():
+    """kd_loss backends the loss tests run: the torch reference and, on a CPU, the C++ kernel (skipped, saying so,
+    where the extension is not built: the GPU acceptance run installs without it), plus Triton."""
+    from spacedkd_fast import backends
+
+    cpp = pytest.param("cpp", marks=pytest.mark.skipif(
+        not backends.cpp_extension().available,
+        reason=f"the C++ extension is not built ({backends.cpp_extension().detail})"))
+    return [pytest.param("torch")] + ([cpp] if DEVICE == "cpu" else []) + [
+        pytest.param("triton", marks=pytest.mark.triton)]
+
+
+LOSS_BACKENDS = _loss_backends()
 
 
 def make_logits(*shape, dtype=torch.float32, scale=3.0, device=DEVICE):

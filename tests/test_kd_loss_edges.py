@@ -4,12 +4,11 @@ import re
 
 import pytest
 import torch
-from helpers import DEVICE, assert_close, make_logits, make_target
+from helpers import DEVICE, LOSS_BACKENDS, assert_close, make_logits, make_target
 
 from spacedkd_fast import KDLoss, kd_loss, kd_loss_reference
 
-CPU_BACKENDS = ["torch", "cpp"] if DEVICE == "cpu" else ["torch"]
-BACKENDS = [pytest.param(b) for b in CPU_BACKENDS] + [pytest.param("triton", marks=pytest.mark.triton)]
+BACKENDS = LOSS_BACKENDS
 
 
 # ---- bad input: clear errors naming the argument --------------------------------------------------------------

