@@ -50,6 +50,10 @@ def _sync():
 
 
 def _commit() -> str:
+    """The checkout's commit: ``SPACEDKD_COMMIT`` when the caller gives it (the GPU acceptance run does: its
+    working-tree copy has no ``.git``), else git's, with ``-dirty`` for uncommitted changes to tracked files."""
+    if os.environ.get("SPACEDKD_COMMIT"):
+        return os.environ["SPACEDKD_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=Path(__file__).parent, timeout=10)
@@ -67,8 +71,10 @@ def measure(benchmark, request):
 
     def run(fn, *, group: str, provider: str, baseline: str | tuple[str, ...] | None = None,
             bytes_moved: float | None = None, items: float | None = None, items_unit: str = "items",
-            warmup: int = 3, info: dict | None = None, setup=None, rounds: int | None = None):
-        """``setup`` (optional) builds fresh arguments for each round, untimed: ``fn(*setup())``."""
+            warmup: int = 3, info: dict | None = None, setup=None, rounds: int | None = None, after=None):
+        """``setup`` (optional) builds fresh arguments for each round, untimed: ``fn(*setup())``. ``after``
+        (optional) returns more fields for the record once the rounds are done. Returns the record, which is
+        also written to the results file at once (a run cut short keeps what it measured)."""
         make_args = setup or (lambda: ())
 
         def timed(*args):
@@ -88,14 +94,15 @@ def measure(benchmark, request):
         benchmark.pedantic(timed, setup=lambda: (make_args(), {}), rounds=rounds, iterations=1, warmup_rounds=warmup)
         median = benchmark.stats.stats.median
         record = dict(group=group, provider=provider, baseline=baseline, median_s=median,
-                      iqr_s=benchmark.stats.stats.iqr, rounds=rounds, **(info or {}))
+                      iqr_s=benchmark.stats.stats.iqr, rounds=rounds, **(info or {}), **(after() if after else {}))
         if bytes_moved is not None:
             record["GB_per_s"] = bytes_moved / median / 1e9
         if items is not None:
             record[f"{items_unit}_per_s"] = items / median
         benchmark.extra_info.update({k: v for k, v in record.items() if k not in ("group",)})
         RESULTS.append(record)
-        return median
+        _write_results(request.config)
+        return record
 
     return run
 
@@ -139,57 +146,77 @@ def _add_speedups(results: list[dict]) -> None:
                 r["x_copy_floor"] = r["median_s"] / (r["floor_bytes"] / (peak * 1e9))
 
 
-def _merge_with_earlier(out: Path, results: list[dict]) -> list[dict]:
-    """This run's results plus the earlier ones in ``out`` (same device) whose groups were not re-measured.
+def _earlier_results(out: Path) -> list[dict]:
+    """The results already in ``out`` (same device), each with the commit and date it was measured at.
 
-    A partial run (``pytest bench/ -k ...``) then updates the day's file instead of wiping it. Whole groups are
-    replaced, because the speedups inside a group compare providers measured in the same run; every result carries
-    the commit and date it was measured at.
+    A partial run (``pytest bench/ -k ...``) then updates the day's file instead of wiping it: the groups it
+    measures replace the earlier ones whole, because the speedups inside a group compare providers measured in the
+    same run.
     """
     if not out.exists():
-        return results
+        return []
     try:
         earlier = json.loads(out.read_text())
     except (OSError, ValueError):
-        return results  # unreadable: overwrite it
+        return []  # unreadable: overwrite it
     if earlier.get("device") != device_name():
-        return results
-    fresh = {r["group"] for r in results}
-    kept = [r for r in earlier.get("results", []) if r.get("group") not in fresh]
+        return []
+    kept = earlier.get("results", [])
     for r in kept:  # files written before results carried their own commit
         r.setdefault("commit", earlier.get("commit"))
         r.setdefault("date", earlier.get("date"))
-    return kept + results
+    return kept
+
+
+def _results_path(config) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", "cuda-" + device_name() if ON_CUDA else "cpu").strip("-").lower()
+    return Path(config.getoption("--bench-out") or RESULTS_DIR / f"{slug}-{datetime.date.today().isoformat()}.json")
+
+
+_SESSION: dict = {}  # date, commit and the results file's earlier contents, fixed at the first write
+
+
+def _write_results(config) -> dict:
+    """(Re)write the results file with everything measured so far: after every benchmark, and at the end."""
+    out = _results_path(config)
+    if not _SESSION:
+        _SESSION.update(date=datetime.datetime.now().isoformat(timespec="seconds"), commit=_commit(),
+                        versions=_versions(), earlier=_earlier_results(out))
+    results = [dict(r) for r in RESULTS]
+    _add_speedups(results)
+    for r in results:
+        r.setdefault("commit", _SESSION["commit"])
+        r.setdefault("date", _SESSION["date"])
+    fresh = {r["group"] for r in results}
+    payload = {
+        "device": device_name(),
+        "cpu_threads": torch.get_num_threads(),
+        "date": _SESSION["date"],
+        "commit": _SESSION["commit"],
+        "versions": _SESSION["versions"],
+        "command": "pytest " + " ".join(config.invocation_params.args),
+        "byte_counting": "kd_loss fwd: N·V·(e_s + e_t); fwd+bwd: N·V·(2·e_s + 2·e_t + e_g) (two-pass count, "
+                         "10 B/elt in bf16); copy: bytes read + written",
+        "results": [r for r in _SESSION["earlier"] if r.get("group") not in fresh] + results,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    os.replace(tmp, out)  # a reader never sees half a file
+    return payload
 
 
 def pytest_sessionfinish(session, exitstatus):
     if not RESULTS:
         return
-    _add_speedups(RESULTS)
-    slug = re.sub(r"[^A-Za-z0-9]+", "-", "cuda-" + device_name() if ON_CUDA else "cpu").strip("-").lower()
-    out = session.config.getoption("--bench-out") or str(
-        RESULTS_DIR / f"{slug}-{datetime.date.today().isoformat()}.json")
-    now, commit = datetime.datetime.now().isoformat(timespec="seconds"), _commit()
-    for r in RESULTS:
-        r.update(commit=commit, date=now)
-    payload = {
-        "device": device_name(),
-        "cpu_threads": torch.get_num_threads(),
-        "date": now,
-        "commit": commit,
-        "versions": _versions(),
-        "command": "pytest " + " ".join(session.config.invocation_params.args),
-        "byte_counting": "kd_loss fwd: N·V·(e_s + e_t); fwd+bwd: N·V·(2·e_s + 2·e_t + e_g) (two-pass count, "
-                         "10 B/elt in bf16); copy: bytes read + written",
-        "results": _merge_with_earlier(Path(out), RESULTS),
-    }
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    payload = _write_results(session.config)
+    out = _results_path(session.config)
+    shown = payload["results"][-len(RESULTS):]  # this session's, with their speedups
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is None:
         return
     reporter.write_sep("=", f"spacedkd_fast benchmarks on {payload['device']} (commit {payload['commit']})")
-    for r in RESULTS:
+    for r in shown:
         extra = [f"{r['median_s'] * 1e3:9.3f} ms"]
         for key, fmt in (("GB_per_s", "{:8.2f} GB/s"), ("images_per_s", "{:10.0f} img/s"),
                          ("pct_of_copy_bandwidth", "{:5.1f}% of copy"), ("x_copy_floor", "{:5.2f}x copy floor"),
