@@ -6,9 +6,12 @@ so the CLI, ``config.json`` and the Python API cannot drift apart. Recipes are n
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +22,26 @@ PRECISIONS = ("fp32", "bf16")
 KD_OBJECTIVES = ("kl", "paper")
 FEATURE_LOSSES = ("none", "l2")
 TEACHER_BN = ("train", "eval")
+
+
+# ---- how errors name a setting: the flag from the command line, the keyword from Python ---------------------------
+_CLI_NAMES = contextvars.ContextVar("spacedkd_fast_cli_names", default=False)
+
+
+def setting_name(name: str) -> str:
+    """A setting as an error message names it: ``--batch-size`` inside :func:`cli_names` (the command line),
+    ``batch_size=`` otherwise (Python: ``TrainConfig(...)`` / ``Trainer(...)`` keywords)."""
+    return "--" + name.replace("_", "-") if _CLI_NAMES.get() else f"{name}="
+
+
+@contextlib.contextmanager
+def cli_names() -> Iterator[None]:
+    """Within the block, errors name settings by their command-line flags (``python -m spacedkd_fast.train``)."""
+    token = _CLI_NAMES.set(True)
+    try:
+        yield
+    finally:
+        _CLI_NAMES.reset(token)
 
 
 def _f(default, help: str, *, choices=None, flag_type=None, metavar=None):
