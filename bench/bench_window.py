@@ -17,7 +17,7 @@ from shapes import ON_CUDA
 from spacedkd_fast.data.augment import normalize
 from spacedkd_fast.data.datasets import AugmentSpec, ImageDataset
 from spacedkd_fast.data.pipeline import BatchSource
-from spacedkd_fast.data.window import TierPlan, WindowCache
+from spacedkd_fast.data.window import ReplayWindow, RingStorage, TierBudget
 
 DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
 BATCH, SLOTS = 128, 64
@@ -47,19 +47,23 @@ def batches():
 @pytest.mark.parametrize("tier", ["device", "host", "regenerate"])
 def test_window_bandwidth(measure, batches, tier, phase):
     source, plans, rendered = batches
-    tiers = {"device": TierPlan(SLOTS, 0, 0), "host": TierPlan(0, SLOTS, 0), "regenerate": TierPlan(0, 0, SLOTS)}
-    window = WindowCache(SLOTS, SHAPE, BATCH, DEVICE, lambda u8: normalize(u8, (0.5,) * 3, (0.25,) * 3),
-                         tiers=tiers[tier], regenerate=source.regenerate)
+    slot = BATCH_BYTES
+    budget = {"device": TierBudget(SLOTS * slot, 0), "host": TierBudget(0, SLOTS * slot),
+              "regenerate": TierBudget(0, 0)}[tier]
+    window = ReplayWindow(RingStorage.for_budget(SLOTS, SHAPE, BATCH, DEVICE, budget), capacity=SLOTS,
+                          budget=budget, regenerate=source.regenerate)
+    mean, std = (0.5,) * 3, (0.25,) * 3
 
     def fill():
         for i, (plan, (images, labels)) in enumerate(zip(plans, rendered)):
             if i in window:
                 window.release(i)
-            window.put(i, images, labels, plan)
+            window.put(i, (images, labels), plan)
 
     def replay():
         for i in range(SLOTS):
-            window.get(i)
+            images, _ = window.get(i)
+            normalize(images, mean, std)  # what the student's step does with it
 
     fill()
     measure(fill if phase == "fill" else replay, group=f"window {phase} ({DEVICE.type})", provider=tier,

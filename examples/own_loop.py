@@ -62,10 +62,13 @@ def main(argv=None) -> float:
     for epoch in range(first, args.epochs):
         for x, y in loader:
             opt_t.zero_grad()
-            nn.functional.cross_entropy(teacher(x), y).backward()  # the teacher: CE on its fresh batch
+            logits = teacher(x)
+            nn.functional.cross_entropy(logits, y).backward()  # the teacher: CE on its fresh batch
             opt_t.step()
             print(f"teacher {sha1(x, y)}", file=trace) if trace else None
-            for (xr, yr), snapshot in replay.step((x, y)):  # the replays due now, against their snapshot
+            # The replays due now, each with the teacher to distil from: its block-end snapshot (s > 0), or at s = 0
+            # the teacher's outputs of this batch from before its update (teacher_outputs), answering the same way.
+            for (xr, yr), snapshot in replay.step((x, y), teacher_outputs=logits.detach()):
                 with torch.no_grad():
                     targets = snapshot(xr)
                 opt_s.zero_grad()

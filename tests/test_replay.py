@@ -14,12 +14,16 @@ from spacedkd_fast import SpacedReplay
 
 
 class Counter(nn.Module):
-    """A "teacher" whose single parameter counts its updates, so a snapshot tells when it was taken."""
+    """A "teacher" whose single parameter counts its updates and whose output is that count, so a snapshot tells
+    when it was taken."""
 
     def __init__(self):
         super().__init__()
         self.updates = nn.Parameter(torch.zeros(()))
         self.bn = nn.BatchNorm1d(2)
+
+    def forward(self, x):
+        return self.updates.detach().clone()
 
 
 def batches(n, seed=0):
@@ -33,14 +37,15 @@ def digest(batch) -> str:
 
 
 def drive(replay: SpacedReplay, teacher: Counter, fresh: list, start: int = 0):
-    """A plain loop: teacher step (one update), then the replays due. Returns [(fresh index, replayed digest,
-    snapshot's update count)]."""
+    """A plain loop: teacher forward and step (one update), then the replays due (s = 0 ones get the forward's
+    outputs). Returns [(fresh index, replayed digest, the update count of the teacher answering the student)]."""
     log = []
     for i, batch in enumerate(fresh[start:], start):
+        outputs = teacher(batch[0])  # the teacher's training forward, before its update
         with torch.no_grad():
             teacher.updates += 1
-        for replayed, snapshot in replay.step(batch):
-            log.append((i, digest(replayed), int(snapshot.updates.item())))
+        for replayed, answering in replay.step(batch, teacher_outputs=outputs):
+            log.append((i, digest(replayed), int(answering(replayed[0]).item())))
     return log
 
 
@@ -70,14 +75,16 @@ def test_snapshot_is_frozen_and_follows_teacher_bn():
         assert not any(p.requires_grad for p in snapshots[0].parameters())
 
 
-def test_space_zero_hands_each_batch_back_with_the_live_teacher():
+def test_space_zero_hands_each_batch_back_with_the_teachers_pre_update_outputs():
+    """s = 0 is the engine's and the official code's online KD: the student distils from the teacher's outputs of
+    the batch from before the teacher's update, answered like a snapshot (``teacher(x)``)."""
     teacher = Counter()
     replay = SpacedReplay(teacher, space=0, iters_per_epoch=3, epochs=2)
-    fresh = batches(6)
-    for batch in fresh:
-        (got, who), = list(replay.step(batch))
-        assert got is batch and who is teacher
+    log = drive(replay, teacher, batches(6))
+    assert [(i, u) for i, _, u in log] == [(i, i) for i in range(6)]  # batch i: the teacher of i updates
     assert len(replay.window) == 0
+    with pytest.raises(ValueError, match=r"s = 0 \(online KD\) iteration.*teacher_outputs="):
+        SpacedReplay(teacher, space=0, iters_per_epoch=3, epochs=1).step(batches(1)[0])
 
 
 def test_online_epochs_then_spacing():
@@ -85,6 +92,7 @@ def test_online_epochs_then_spacing():
     replay = SpacedReplay(teacher, space=0.5, iters_per_epoch=4, epochs=2, start_epoch=1)
     log = drive(replay, teacher, batches(8))
     assert [i for i, _, _ in log] == [0, 1, 2, 3, 5, 5, 7, 7]  # epoch 0 online, then blocks of 2
+    assert [u for _, _, u in log] == [0, 1, 2, 3, 6, 6, 8, 8]  # pre-update outputs, then block-end snapshots
 
 
 def test_any_tensor_structure_and_short_batches():

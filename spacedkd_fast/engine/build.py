@@ -10,7 +10,10 @@ still built from the config. Either way the engine receives the same kinds of pa
 * the *heads* of the feature term (projector, BYOT adapters);
 * per role an *optimizer* and an *lr policy* (the built-in schedule as a function of the data position, or the
   user's ``torch.optim.lr_scheduler``);
-* the *objectives* (the built-in losses, or the user's ``loss`` callable plus the feature term).
+* the *objectives* (the built-in losses, or the user's ``loss`` callable plus the feature term);
+* the *block driver* (the schedule, the replay window, the teacher snapshots).
+
+:func:`build_run` builds all of it in order for the trainer.
 """
 
 from __future__ import annotations
@@ -25,13 +28,28 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spacedkd_fast.config import TrainConfig
-from spacedkd_fast.data.pipeline import derive_seed
+from spacedkd_fast.data.pipeline import derive_seed, select_data_backend
+from spacedkd_fast.data.window import TierBudget
 from spacedkd_fast.engine import roles as R
-from spacedkd_fast.engine.feeds import LoaderFeed, SourceFeed, is_package_dataset, load_training_data, subset_dataset
+from spacedkd_fast.engine.checkpoint import schedule_boundaries
+from spacedkd_fast.engine.distributed import DistInfo, broadcast_from_main, init_distributed
+from spacedkd_fast.engine.driver import BlockDriver
+from spacedkd_fast.engine.feeds import (
+    Batch,
+    LoaderFeed,
+    SourceFeed,
+    is_package_dataset,
+    load_training_data,
+    subset_dataset,
+)
 from spacedkd_fast.engine.losses import Projector, SelfKDAdapters, feature_distance, online_student_loss, self_kd_loss
-from spacedkd_fast.engine.modes import Mode
+from spacedkd_fast.engine.modes import MODES, Mode
+from spacedkd_fast.engine.runtime import bind_device, configure_math, resolve_device, window_budgets
 from spacedkd_fast.models import build_model, is_distilled, is_multi_exit
 from spacedkd_fast.models.weights import load_weights
+from spacedkd_fast.schedule import SpacingSchedule
+
+OVERLAP_SLACK = 16  # window slots beyond one block, so the overlapped teacher may run a little ahead
 
 CUSTOM = "custom:"  # config.json's record of a part given from Python (e.g. "custom:MyNet")
 
@@ -65,6 +83,98 @@ class GivenParts:
             data = getattr(self.train_data, "dataset", self.train_data)
             changes["dataset"] = CUSTOM + type(data).__name__
         return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+# ================================================================================================== the run
+@dataclasses.dataclass
+class RunParts:
+    """Everything a :class:`~spacedkd_fast.engine.trainer.Trainer` trains with."""
+
+    cfg: TrainConfig
+    mode: Mode
+    device: torch.device
+    dist: DistInfo
+    overlap: bool
+    data_backend: str
+    feed: Any
+    schedule: SpacingSchedule
+    boundaries: tuple[int, ...]
+    driver: BlockDriver
+    roles: dict[str, R.Role]
+    objectives: R.Objectives
+    num_exits: int
+
+
+def build_run(cfg: TrainConfig, given: GivenParts, resume_state: dict | None) -> RunParts:
+    """The parts of a run, in the order they depend on each other: the device and processes, the data, the
+    schedule and the replay window (sized from free memory before the networks take theirs), the networks and
+    their roles, the objectives, the teacher snapshots and the block driver."""
+    mode = MODES[cfg.mode]
+    device = resolve_device(cfg.device)
+    dist = init_distributed(device.type)
+    if dist.enabled and cfg.out is not None:  # a default --out carries each rank's own clock: use rank 0's
+        cfg = dataclasses.replace(cfg, out=broadcast_from_main(cfg.out, dist))
+    if device.type == "cuda" and dist.enabled:
+        device = torch.device("cuda", dist.local_rank)
+    bind_device(device)
+    configure_math(cfg, device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if device.type == "cpu":
+        # Early training on zero-padded images produces denormal activations, which x86 handles ~10x slower.
+        torch.set_flush_denormal(True)
+    # Only two networks training at once can overlap (self and base train one, offline a frozen teacher's student).
+    overlap = mode.overlappable and (cfg.overlap if cfg.overlap is not None else device.type == "cuda")
+
+    data_backend = select_data_backend(cfg.data_backend, device)
+    feed = build_feed(cfg, given, device, dist.rank, dist.world, data_backend)
+    if feed.kind == "user":
+        data_backend = "user DataLoader"
+    boundaries = schedule_boundaries(resume_state, cfg)  # the lengths an extended run had before
+    schedule = SpacingSchedule(cfg.space if mode.spaced else 0.0, feed.iters_per_epoch, cfg.epochs,
+                               start_epoch=cfg.start_epoch, replay_tail=cfg.replay_tail, boundaries=boundaries)
+    window = None
+    if mode.spaced:
+        capacity = max(schedule.block_length, 1) + (OVERLAP_SLACK if overlap else 0)
+        budget = TierBudget(*window_budgets(cfg, device, dist.local_world))
+        window = feed.make_window(capacity, budget, cfg.window_storage)
+
+    networks = build_networks(cfg, mode, given, feed, device)
+    heads = build_heads(cfg, mode, networks, device)
+    roles = {name: build_role(cfg, mode, name, networks[name].net, heads[name], given, feed.iters_per_epoch, dist,
+                              device) for name in mode.roles}
+    if overlap and device.type == "cuda":
+        for role in roles.values():
+            role.stream = torch.cuda.Stream(device)
+    snapshots = None
+    if mode.snapshots:
+        snapshots = R.SnapshotPool(roles["teacher"].net, 2 if overlap else 1, cfg.teacher_bn,
+                                   torch.compile if cfg.compile else (lambda m: m))
+    driver = BlockDriver(schedule, window, snapshots, replays=mode.replays, device=device,
+                         load=lambda stored: Batch(stored, *feed.inputs(stored), None))
+    num_exits = networks["student"].num_exits if mode.multi_exit else 0
+    return RunParts(cfg, mode, device, dist, overlap, data_backend, feed, schedule, boundaries, driver, roles,
+                    build_objectives(cfg, given), num_exits)
+
+
+def build_role(cfg: TrainConfig, mode: Mode, name: str, net: R.FeatureForward, head: nn.Module | None,
+               given: GivenParts, iters_per_epoch: int, dist: DistInfo, device: torch.device) -> R.Role:
+    """A role: its network and head as one module (under DDP, as one DDP module), its optimizer and lr policy,
+    and a random stream of its own."""
+    model: nn.Module = R.TrainedModule(net, head)
+    optimizer, lr_policy = build_optimization(cfg, given, name, model, iters_per_epoch)
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [device.index] if device.type == "cuda" else None
+        # Self mode's CE-only steps skip the adapters (their parameters get no gradient in those steps).
+        model = DDP(model, device_ids=ids, process_group=dist.group,
+                    find_unused_parameters=mode.multi_exit and head is not None)
+    if cfg.compile:
+        model = torch.compile(model)
+    role = R.Role(name=name, model=model, optimizer=optimizer, lr_policy=lr_policy)
+    role.seed_rng(derive_seed(cfg.seed, "rng", name, dist.rank), device)
+    return role
 
 
 # ================================================================================================== the feed

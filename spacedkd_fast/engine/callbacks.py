@@ -14,6 +14,8 @@ only (DDP ranks agree on every figure):
   (``accuracy`` of the role's network; for self KD the student's best shallow exit);
 * ``on_epoch_end(trainer, record)`` with each complete epoch record (``{"kind": "epoch", "epoch",
   "teacher_acc", "student_acc", ...}``, in epoch order);
+* ``on_checkpoint(trainer)`` before ``last.pt`` is written: flush what you write, so that a resumed run's files
+  continue from where the checkpoint's weights are (the built-in files are then cut back to that point);
 * ``on_fit_end(trainer, summary)``.
 
 The built-in outputs are callbacks too: :class:`MetricsFiles` (``metrics.jsonl`` with both record kinds,
@@ -50,6 +52,9 @@ class Callback:
     def on_epoch_end(self, trainer, record: dict) -> None:
         pass
 
+    def on_checkpoint(self, trainer) -> None:
+        pass
+
     def on_fit_end(self, trainer, summary) -> None:
         pass
 
@@ -81,6 +86,9 @@ class Callbacks(Callback):
 
     def on_epoch_end(self, trainer, record: dict) -> None:
         self._each("on_epoch_end", trainer, record)
+
+    def on_checkpoint(self, trainer) -> None:
+        self._each("on_checkpoint", trainer)
 
     def on_fit_end(self, trainer, summary) -> None:
         self._each("on_fit_end", trainer, summary)
@@ -143,6 +151,12 @@ class MetricsFiles(Callback):
     def on_epoch_end(self, trainer, record: dict) -> None:
         self._write(record)
 
+    def on_checkpoint(self, trainer) -> None:
+        if not self._jsonl.closed:
+            self._jsonl.flush()
+            for f, _ in self._csv.values():
+                f.flush()
+
     def on_fit_end(self, trainer, summary) -> None:
         self.close()
         plot_curves(read_metrics(self.folder), self.folder / "curves.png")
@@ -179,6 +193,9 @@ class TensorBoard(Callback):
                 self.writer.add_scalar(f"accuracy/{key.removesuffix('_acc')}", record[key], record["epoch"])
         for e, acc in enumerate(record.get("exit_acc") or []):
             self.writer.add_scalar(f"accuracy/exit_{e}", acc, record["epoch"])
+
+    def on_checkpoint(self, trainer) -> None:
+        self.writer.flush()
 
     def on_fit_end(self, trainer, summary) -> None:
         self.writer.close()

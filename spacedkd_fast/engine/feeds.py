@@ -1,29 +1,27 @@
-"""Data feeds: where the engine's fresh batches come from and where the replay window keeps them.
+"""Data feeds: where the engine's fresh batches come from, and how a kept batch becomes model inputs again.
 
-The engine asks a feed for the fresh batch of a data iteration, keeps it for the replay when the schedule says so,
-and later takes it back, byte-identical. Two feeds implement that contract:
+Every feed follows :class:`Feed`: the engine asks for the fresh :class:`Batch` of a data iteration, the block
+driver keeps ``batch.stored`` in the replay window (:mod:`spacedkd_fast.data.window`) when the schedule says so,
+and a replayed ``stored`` is turned back into inputs by :meth:`Feed.inputs`, byte-identical. Two feeds:
 
 * :class:`SourceFeed`: the package's data sources (in-memory datasets, streamed folders; torch or DALI). Batches are
-  uint8 images augmented on the device from a *plan* (sample indices + a seed), the window keeps uint8 in tiers
-  (device ring, pinned host ring, plans to regenerate from), and inputs are normalized when used.
+  uint8 images augmented on the device from a *plan* (sample indices + a seed); the window keeps uint8 in rings
+  (device, pinned host) or only the plan, and inputs are normalized when used.
 * :class:`LoaderFeed`: the user's own map-style ``Dataset`` or ``DataLoader``. Batches are kept *as produced* by the
   user's transforms and collate function (any tensor, or tuple/list/dict of tensors), on the device or in pinned
-  host memory within the budgets; beyond both they are fetched again when replayed. Every sample is drawn with a
-  seed of its own (``derive_seed(seed, "sample", iteration, k)``, set for ``torch`` and ``random`` around the
-  dataset's ``__getitem__``), so a batch is a pure function of its data iteration: random transforms replay,
-  resume and regenerate exactly, with or without worker processes.
-
-Both give ``(stored, x, y)``: what the window stores, the model input and the labels, on the device.
+  host memory within the budgets; beyond both they are fetched again when replayed (their plan is the data
+  iteration). Every sample is drawn with a seed of its own (``derive_seed(seed, "sample", iteration, k)``, set for
+  ``torch`` and ``random`` around the dataset's ``__getitem__``), so a batch is a pure function of its data
+  iteration: random transforms replay, resume and regenerate exactly, with or without worker processes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 import random
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -34,10 +32,56 @@ from spacedkd_fast.data import load_dataset
 from spacedkd_fast.data.augment import normalize
 from spacedkd_fast.data.datasets import ImageDataset, canonical_dataset_name
 from spacedkd_fast.data.files import FILE_DATASET_NAMES, FileDataset, scan_folder_dataset
-from spacedkd_fast.data.pipeline import derive_seed, make_source, shard_chunks
+from spacedkd_fast.data.pipeline import BatchPlan, derive_seed, make_source, shard_chunks
 from spacedkd_fast.data.producer import Prefetcher
-from spacedkd_fast.data.window import TierPlan, WindowCache
-from spacedkd_fast.engine.replay import BatchWindow, batch_nbytes
+from spacedkd_fast.data.window import BlockingHostStorage, CopyStorage, ReplayWindow, RingStorage, TierBudget
+
+
+class Batch(NamedTuple):
+    """A fresh batch: ``stored`` (what the replay window keeps: uint8 images and labels for the package's
+    sources, the collated batch as produced for a user's data), the model ``inputs`` and ``labels`` on the device,
+    and its ``plan`` (how to produce it again: a :class:`~spacedkd_fast.data.pipeline.BatchPlan`, or the data
+    iteration of a user batch)."""
+
+    stored: Any
+    inputs: Tensor
+    labels: Tensor
+    plan: Any
+
+
+class Feed(Protocol):
+    """What the engine needs from its data (:class:`SourceFeed`, :class:`LoaderFeed`)."""
+
+    kind: str  # "package" | "user"
+    name: str
+    iters_per_epoch: int
+    num_train: int
+    num_test: int
+    num_classes: int | None  # None until the models' outputs set it (a user's data)
+
+    def probe_input(self) -> Tensor:
+        """Model inputs of two training samples on the device (the model-output check)."""
+
+    def start(self, first: int, end: int, depth: int) -> None:
+        """Fresh batches ``first..end-1`` will be asked for in order; render up to ``depth`` ahead."""
+
+    def fresh(self, data_iteration: int) -> Batch:
+        """The fresh batch of a data iteration."""
+
+    def inputs(self, stored) -> tuple[Tensor, Tensor]:
+        """``(model inputs, labels)`` of a stored batch."""
+
+    def make_window(self, capacity: int, budget: TierBudget, storage: str = "device") -> ReplayWindow:
+        """A replay window for this feed's batches."""
+
+    def digest(self, stored) -> str:
+        """sha1 of a stored batch's bytes (``--trace-batches``)."""
+
+    def test_batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """This rank's evaluation batches: model inputs and labels on the device."""
+
+    def close(self) -> None:
+        ...
 
 
 def batch_digest(*tensors: Tensor) -> str:
@@ -113,7 +157,6 @@ class SourceFeed:
         self.num_train, self.num_test = len(dataset.train_labels), len(dataset.test_labels)
         mean, std = dataset.mean, dataset.std
         self.normalize = lambda u8: normalize(u8, mean, std, channels_last=channels_last)
-        self.window: WindowCache | None = None
         self._prefetcher: Prefetcher | None = None
 
     @property
@@ -124,15 +167,18 @@ class SourceFeed:
         """Two blank normalized images: the model-output check's input."""
         return self.normalize(torch.zeros((2, *self.image_shape), dtype=torch.uint8, device=self.device))
 
-    def make_window(self, capacity: int, device_budget: float, host_budget: float, storage: str = "device") -> None:
-        batch = self.source.local_batch_size(0)
-        slot_bytes = batch * (math.prod(self.image_shape) + 8)
-        tiers = TierPlan.for_budget(capacity, slot_bytes, device_budget, host_budget)
-        self.window = WindowCache(capacity, self.image_shape, batch, self.device, self.normalize, storage=storage,
-                                  tiers=tiers, regenerate=self.source.regenerate)
-
-    def describe_window(self) -> str:
-        return self.window.describe()
+    def make_window(self, capacity: int, budget: TierBudget, storage: str = "device") -> ReplayWindow:
+        """uint8 rings within the budgets, plans beyond them (``storage="host"``: the official code's blocking host
+        copies, a benchmark baseline)."""
+        if storage == "host":
+            return ReplayWindow(BlockingHostStorage(self.device), capacity=capacity, budget=budget)
+        if storage != "device":
+            raise ValueError(f"window storage must be 'device' or 'host', got {storage!r}")
+        rings = RingStorage.for_budget(capacity, self.image_shape, self.source.local_batch_size(0), self.device,
+                                       budget)
+        return ReplayWindow(rings, capacity=capacity, budget=budget, regenerate=self.source.regenerate,
+                            plan_to_state=lambda plan: (plan.indices, plan.seed),
+                            plan_from_state=lambda iteration, state: BatchPlan(iteration, *state))
 
     # ---- fresh batches --------------------------------------------------------------------------------------------
     def start(self, first: int, end: int, depth: int) -> None:
@@ -143,45 +189,21 @@ class SourceFeed:
         plan = self.source.plan(data_iteration)
         return (plan, *self.source.render(plan))
 
-    def fresh(self, data_iteration: int):
-        """``(stored, plan, x, y)`` of a fresh batch: stored = ``(uint8 images, labels)``."""
+    def fresh(self, data_iteration: int) -> Batch:
+        """A fresh batch: stored = ``(uint8 images, labels)``, inputs normalized."""
         if self._prefetcher is not None:
             plan, images, labels = self._prefetcher.next(data_iteration)
         else:
             plan, images, labels = self._render(data_iteration)
-        return (images, labels), plan, self.normalize(images), labels
+        return Batch((images, labels), self.normalize(images), labels, plan)
 
-    # ---- the window -----------------------------------------------------------------------------------------------
-    def is_free(self, iteration: int) -> bool:
-        return self.window.is_free(iteration)
-
-    def keep(self, iteration: int, stored, plan) -> None:
-        self.window.put(iteration, *stored, plan)
-
-    def replayed(self, iteration: int):
-        """``(stored, x, y)`` of a kept batch."""
-        images, labels = self.window.raw(iteration)
-        return (images, labels), self.normalize(images), labels
-
-    def prefetch(self, iteration: int) -> None:
-        if iteration in self.window:
-            self.window.prefetch(iteration)
-
-    def release(self, iteration: int) -> None:
-        self.window.release(iteration)
-
-    def __len__(self) -> int:
-        return len(self.window)
+    def inputs(self, stored) -> tuple[Tensor, Tensor]:
+        images, labels = stored
+        return self.normalize(images), labels
 
     def digest(self, stored) -> str:
         images, labels = stored
         return batch_digest(images.to(torch.uint8), labels.to(torch.int64))
-
-    def state_dict(self) -> dict:
-        return self.window.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.window.load_state_dict(state)
 
     # ---- evaluation -----------------------------------------------------------------------------------------------
     def test_batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
@@ -309,10 +331,6 @@ class LoaderFeed:
         self.num_test = len(self.eval.dataset) if self.eval is not None else 0
         self.name = type(self.train.dataset).__name__
         self.num_classes: int | None = None  # set by the engine from the models' outputs
-        self.window: BatchWindow | None = None
-        self.capacity = 0
-        self._regenerate: set[int] = set()  # iterations beyond both budgets: fetched again when replayed
-        self._ready: dict[int, torch.cuda.Event] = {}  # CUDA: kept batch -> written on the teacher's stream
         self._iterator: Iterator | None = None
         self._next = -1
         self._sample_shapes: tuple | None = None  # the first batch's per-sample shapes (batches may not change)
@@ -400,74 +418,23 @@ class LoaderFeed:
     def start(self, first: int, end: int, depth: int) -> None:
         self._iterator, self._next = None, -1
 
-    def fresh(self, data_iteration: int):
+    def fresh(self, data_iteration: int) -> Batch:
         stored = self._to_device(self._fetch(data_iteration), data_iteration)
-        x, y = self.inputs(stored)
-        return stored, None, x, y
+        return Batch(stored, *self.inputs(stored), data_iteration)
+
+    def refetch(self, data_iteration: int):
+        """A batch fetched again (the window's regenerate tier): the same samples under the same seeds."""
+        return self._to_device(self._fetch(data_iteration, sequential=False), data_iteration)
 
     # ---- the window -----------------------------------------------------------------------------------------------
-    def make_window(self, capacity: int, device_budget: float, host_budget: float, storage: str = "device") -> None:
+    def make_window(self, capacity: int, budget: TierBudget, storage: str = "device") -> ReplayWindow:
+        """Batches as produced within the budgets; beyond them, fetched again (their plan is the iteration)."""
         if storage != "device":
             raise ValueError(f"window_storage {storage!r} applies to the package's data sources only")
-        self.capacity = capacity
-        self.window = BatchWindow(self.device, device_budget, host_budget)
-
-    def describe_window(self) -> str:
-        host = (f", then pinned host memory within {self.window.host_budget / 1e9:.2f} GB"
-                if self.window.host_budget > 0 else "")
-        return (f"up to {self.capacity} batches as produced, on {self.device} within "
-                f"{self.window.device_budget / 1e9:.2f} GB{host}, then fetched again")
-
-    def __len__(self) -> int:
-        return len(self.window) + len(self._regenerate)
-
-    def __contains__(self, iteration: int) -> bool:
-        return iteration in self.window or iteration in self._regenerate
-
-    def is_free(self, iteration: int) -> bool:
-        return len(self) < self.capacity
-
-    def keep(self, iteration: int, stored, plan) -> None:
-        if self.window.tier_for(batch_nbytes(stored)) is None:
-            self._regenerate.add(iteration)  # a pure function of the iteration: fetched again for the replay
-            return
-        self.window.put(iteration, stored)
-        if self.device.type == "cuda":  # the student may read it on another stream: it waits for this point
-            self._ready[iteration] = torch.cuda.Event()
-            self._ready[iteration].record(torch.cuda.current_stream(self.device))
-
-    def replayed(self, iteration: int):
-        if iteration in self._regenerate:
-            stored = self._to_device(self._fetch(iteration, sequential=False), iteration)
-            return (stored, *self.inputs(stored))
-        ready = self._ready.pop(iteration, None)
-        if ready is not None:
-            stream = torch.cuda.current_stream(self.device)
-            stream.wait_event(ready)
-        stored = self.window.get(iteration)
-        if ready is not None:
-            for t in pytree.tree_leaves(stored):
-                t.record_stream(stream)  # written on the teacher's stream, read on this one: freed after both
-        return (stored, *self.inputs(stored))
-
-    def prefetch(self, iteration: int) -> None:
-        pass  # host-tier batches are copied back asynchronously by get()
-
-    def release(self, iteration: int) -> None:
-        if iteration in self._regenerate:
-            self._regenerate.discard(iteration)
-        else:
-            self.window.release(iteration)
+        return ReplayWindow(CopyStorage(self.device), capacity=capacity, budget=budget, regenerate=self.refetch)
 
     def digest(self, stored) -> str:
         return batch_digest(*pytree.tree_leaves(stored))
-
-    def state_dict(self) -> dict:
-        return {"window": self.window.state_dict(), "regenerate": sorted(self._regenerate)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.window.load_state_dict(state["window"])
-        self._regenerate = set(state["regenerate"])
 
     # ---- evaluation -----------------------------------------------------------------------------------------------
     def test_batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:

@@ -138,6 +138,11 @@ class RunOutputs:
         atomic_save(state, path)
         return path
 
+    def flush(self) -> None:
+        """Everything written so far reaches the files (before a checkpoint records their lengths)."""
+        if self._batches is not None:
+            self._batches.flush()
+
     def close(self) -> None:
         if self._batches is not None:
             self._batches.close()

@@ -398,41 +398,39 @@ class SnapshotPool:
 
 
 # ---- the steps -----------------------------------------------------------------------------------------------------
-# Each takes the batch's data iteration ``i`` (its learning rate). ``obj`` is the run's :class:`Objectives`.
-def ce_step(obj: Objectives, role: Role, x: Tensor, y: Tensor, i: int, *, keep_outputs: bool = False,
-            multi_exit: bool = False) -> tuple[Tensor, Tensor] | None:
-    """One CE step on fresh data (teacher; base network; self mode's deepest exit). Returns the pre-update
-    ``(logits, features)``, detached, when ``keep_outputs`` (the s = 0 student learns from them)."""
+# Every step is ``step(obj, role, x, y, i, teacher=None)``: ``obj`` the run's :class:`Objectives`, ``x``/``y`` the
+# batch's inputs and labels, ``i`` its data iteration (its learning rate), ``teacher`` a module answering
+# ``teacher(x) -> (logits, features)`` (a block-end snapshot, the frozen teacher, or the recorded pre-update outputs
+# of an s = 0 iteration). It returns the role's own pre-update ``(logits, features)``, detached (an s = 0 student
+# learns from the teacher's), or None.
+def ce_step(obj: Objectives, role: Role, x: Tensor, y: Tensor, i: int, teacher=None):
+    """One CE step on fresh data (teacher; base network)."""
     with autocast(obj.bf16, x.device):
         logits, features, _ = role.model(x, with_head=False)
-    loss = obj.ce(logits[0] if multi_exit else logits, y)
-    kept = (logits.detach(), _detach(features)) if keep_outputs else None
+    loss = obj.ce(logits, y)
+    outputs = (logits.detach(), _detach(features))
     role.optimizer_step(loss, i)
-    return kept
+    return outputs
 
 
-def distill_step(obj: Objectives, role: Role, x: Tensor, y: Tensor, i: int, teacher_logits: Tensor,
-                 teacher_features: Tensor | None) -> None:
-    """One online/offline student step against given (detached) teacher outputs."""
+def ce_deepest_step(obj: Objectives, role: Role, x: Tensor, y: Tensor, i: int, teacher=None) -> None:
+    """Self KD outside replay: CE on the deepest exit only (the official code's step on fresh batches)."""
+    with autocast(obj.bf16, x.device):
+        logits, _, _ = role.model(x, with_head=False)
+    role.optimizer_step(obj.ce(logits[0], y), i)
+
+
+def distill_step(obj: Objectives, role: Role, x: Tensor, y: Tensor, i: int, teacher) -> None:
+    """One online/offline student step: targets from ``teacher`` (no gradient), then the distillation objective."""
+    with torch.no_grad(), autocast(obj.bf16, x.device):
+        teacher_logits, teacher_features = teacher(x)
     with autocast(obj.bf16, x.device):
         logits, _, projected = role.model(x, with_head=obj.feature_term)
     loss = obj.distill(logits, teacher_logits, y, projected, teacher_features if obj.feature_term else None)
     role.optimizer_step(loss, i)
 
 
-def replay_step(obj: Objectives, role: Role, snapshot: nn.Module, x: Tensor, y: Tensor, i: int) -> None:
-    """One student replay step: targets from the teacher snapshot taken at the block end."""
-    with torch.no_grad(), autocast(obj.bf16, x.device):
-        teacher_logits, teacher_features = snapshot(x)
-    distill_step(obj, role, x, y, i, teacher_logits, teacher_features)
-
-
-def frozen_teacher_step(obj: Objectives, role: Role, teacher: nn.Module, x: Tensor, y: Tensor, i: int) -> None:
-    """Offline KD's student step on a fresh batch: targets from the trained, frozen teacher."""
-    replay_step(obj, role, teacher, x, y, i)
-
-
-def byot_step(obj: Objectives, role: Role, x: Tensor, y: Tensor, i: int) -> None:
+def byot_step(obj: Objectives, role: Role, x: Tensor, y: Tensor, i: int, teacher=None) -> None:
     """One BYOT step of the live multi-exit network (self mode's replay, and its s = 0 step)."""
     with autocast(obj.bf16, x.device):
         logits, features, projected = role.model(x, with_head=obj.feature_term)
