@@ -57,6 +57,7 @@ class Case:
     reduction: str = "mean"
     target: bool = True
     layout: str = "contiguous"
+    student_grad: bool = True  # False: a forward under no_grad (evaluation, a frozen student)
 
     def label(self) -> str:
         parts = [f"{self.n}x{self.v}", self.dtype]
@@ -76,6 +77,8 @@ class Case:
             parts.append("no target")
         if self.layout != "contiguous":
             parts.append(self.layout)
+        if not self.student_grad:
+            parts.append("forward only")
         return " ".join(parts)
 
 
@@ -110,6 +113,11 @@ def gate_cases(quick: bool = False) -> list[Case]:
                   Case(n, v, k=4, dtype="float16", reduction="none"),
                   Case(n, v, dtype="bfloat16", teacher_dtype="float32"),
                   Case(n, v, dtype="float16", teacher_dtype="float16", teacher_grad=True)]
+    # Forward only (no gradient written: evaluation under no_grad), on every launch path.
+    for n, v in ((128, 10), (128, 100), (1000, 1001), (8192, 32000), (8192, 128256)):
+        for d in ("float32", "bfloat16"):
+            cases += [Case(n, v, dtype=d, student_grad=False), Case(n, v, dtype=d, student_grad=False,
+                                                                       reduction="none")]
     # Column-strided logits whose largest offset passes 2^31: 64-bit column offsets.
     cases += [Case(32768, 128256, dtype="bfloat16", layout="transposed"),
               Case(20000, 131072, dtype="float32", layout="transposed", teacher_grad=True)]
@@ -175,19 +183,19 @@ def _case_problem(case: Case):
 
 
 def _launch_through_package(case: Case) -> None:
-    """The package's own path for a CUDA call of the case: argument checks, strided views, launcher."""
+    """The package's own path for a CUDA call of the case: options, argument checks, strided views, launcher."""
     from spacedkd_fast.loss.args import canonicalize
-    from spacedkd_fast.loss.function import _run_triton, problem_weights
+    from spacedkd_fast.loss.function import run_triton
+    from spacedkd_fast.loss.options import KDOptions
 
     student, teacher, target = _case_problem(case)
     if case.teacher_grad:
         teacher = teacher.requires_grad_(True)
-    problem = canonicalize(student, teacher, target, temperature=case.temperature, alpha=case.alpha,
-                           label_smoothing=0.1, ignore_index=-100, reduction=case.reduction)
-    ce_weight, kd_weight = problem_weights(problem, case.temperature, case.alpha, t_squared=True)
+    options = KDOptions(temperature=case.temperature, alpha=case.alpha, label_smoothing=0.1, ignore_index=-100,
+                        reduction=case.reduction, teacher_grad=case.teacher_grad)
+    problem = canonicalize(student, teacher, target, options)
     student4, teacher3 = problem.strided_views()
-    _run_triton(problem, student4, teacher3, case.temperature, ce_weight, kd_weight, 0.1, case.reduction,
-                True, case.teacher_grad)
+    run_triton(problem, student4, teacher3, options, case.student_grad, case.teacher_grad)
 
 
 @dataclass

@@ -104,10 +104,10 @@ def test_strided_inputs(backend, case):
 @pytest.mark.parametrize("case", list(_strided_cases())[:3], ids=lambda c: c[0])
 def test_strided_views_do_not_copy(case):
     from spacedkd_fast.loss.args import canonicalize
+    from spacedkd_fast.loss.options import KDOptions
 
     _, student, teacher, target = case
-    problem = canonicalize(student, teacher, target, temperature=1.0, alpha=0.5, label_smoothing=0.0,
-                           ignore_index=-100, reduction="mean")
+    problem = canonicalize(student, teacher, target, KDOptions())
     s4, t3 = problem.strided_views()
     assert s4.untyped_storage().data_ptr() == student.untyped_storage().data_ptr()
     assert t3.untyped_storage().data_ptr() == teacher.untyped_storage().data_ptr()

@@ -42,9 +42,10 @@ from spacedkd_fast.engine.feeds import (
     load_training_data,
     subset_dataset,
 )
-from spacedkd_fast.engine.losses import Projector, SelfKDAdapters, feature_distance, online_student_loss, self_kd_loss
+from spacedkd_fast.engine.losses import DistillObjective, Projector, SelfKDAdapters, SelfKDObjective, feature_distance
 from spacedkd_fast.engine.modes import MODES, Mode
 from spacedkd_fast.engine.runtime import bind_device, configure_math, resolve_device, window_budgets
+from spacedkd_fast.loss.options import KDOptions
 from spacedkd_fast.models import build_model, is_distilled, is_multi_exit
 from spacedkd_fast.models.weights import load_weights
 from spacedkd_fast.schedule import SpacingSchedule
@@ -380,8 +381,11 @@ def build_objectives(cfg: TrainConfig, given: GivenParts) -> R.Objectives:
 
     A given ``loss`` is ``loss(student_logits, teacher_logits, labels) -> scalar`` for online/offline KD (e.g. a
     :class:`~spacedkd_fast.KDLoss`), ``loss(exit_logits (E, B, C), labels) -> scalar`` for self KD."""
-    distill = functools.partial(online_student_loss, cfg)
-    byot = functools.partial(self_kd_loss, cfg)
+    distill = DistillObjective(KDOptions(temperature=cfg.temperature, alpha=cfg.alpha,
+                                         label_smoothing=cfg.label_smoothing), paper=cfg.kd_objective == "paper",
+                               beta=cfg.beta)
+    byot = SelfKDObjective(KDOptions(temperature=cfg.temperature, alpha=cfg.self_kd_weight,
+                                     label_smoothing=cfg.label_smoothing, t_squared=False), beta=cfg.beta)
     if given.loss is not None:
         if not callable(given.loss):
             raise TypeError(f"loss must be callable, got {type(given.loss).__name__}")

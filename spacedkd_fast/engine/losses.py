@@ -19,12 +19,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from spacedkd_fast.config import TrainConfig
-from spacedkd_fast.loss import kd_loss
+from spacedkd_fast.loss.api import kd_loss_with
+from spacedkd_fast.loss.options import KDOptions
 
 
 class Projector(nn.Module):
@@ -64,43 +66,56 @@ def paper_soft_loss(student_logits: Tensor, teacher_logits: Tensor, temperature:
     return F.kl_div(p_s, p_t, reduction="batchmean")
 
 
-def online_student_loss(cfg: TrainConfig, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor,
-                        projected: Tensor | None = None, teacher_features: Tensor | None = None) -> Tensor:
-    """The online/offline student's objective (fp32 scalar). Teacher tensors must already be detached.
+@dataclass(frozen=True)
+class DistillObjective:
+    """The online/offline student's objective (fp32 scalar), from the fields it needs: the KD options (T, α, ε),
+    the official code's quirk (``paper``: ``kd_objective="paper"``) and the feature term's weight β."""
 
-    ``student_logits`` is ``(B, C)``, or ``(2, B, C)`` for a distilled ViT in training mode (class head, distillation
-    head). ``projected``: the projector's output on the student features, ``(B, D_teacher)`` (the feature term
-    needs it and ``teacher_features``)."""
-    if student_logits.dim() == teacher_logits.dim() + 1:  # distilled ViT: DeiT's two-head objective
-        class_head, dist_head = student_logits[0], student_logits[1]
-        kl = kd_loss(dist_head, teacher_logits, None, temperature=cfg.temperature)
-        if cfg.kd_objective == "paper":
-            kl = kl / teacher_logits.shape[-1]
-        ce = F.cross_entropy(class_head.float(), labels, label_smoothing=cfg.label_smoothing)
-        loss = (1 - cfg.alpha) * ce + cfg.alpha * kl
-    elif cfg.kd_objective == "paper":
-        ce = F.cross_entropy(student_logits.float(), labels, label_smoothing=cfg.label_smoothing)
-        loss = (1 - cfg.alpha) * ce + cfg.alpha * paper_soft_loss(student_logits, teacher_logits, cfg.temperature)
-    else:
-        loss = kd_loss(student_logits, teacher_logits, labels, temperature=cfg.temperature, alpha=cfg.alpha,
-                       label_smoothing=cfg.label_smoothing)
-    if cfg.beta > 0 and projected is not None:
-        loss = loss + cfg.beta * feature_distance(projected, teacher_features)
-    return loss
+    options: KDOptions
+    paper: bool = False
+    beta: float = 0.0
+
+    def __call__(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor,
+                 projected: Tensor | None = None, teacher_features: Tensor | None = None) -> Tensor:
+        """``student_logits`` is ``(B, C)``, or ``(2, B, C)`` for a distilled ViT in training mode (class head,
+        distillation head); teacher tensors are detached already. ``projected``: the projector's output on the
+        student features, ``(B, D_teacher)`` (the feature term needs it and ``teacher_features``)."""
+        o = self.options
+        if student_logits.dim() == teacher_logits.dim() + 1:  # distilled ViT: DeiT's two-head objective
+            class_head, dist_head = student_logits[0], student_logits[1]
+            kl = kd_loss_with(dist_head, teacher_logits, None, o)  # T²·KL alone
+            if self.paper:
+                kl = kl / teacher_logits.shape[-1]
+            ce = F.cross_entropy(class_head.float(), labels, label_smoothing=o.label_smoothing)
+            loss = (1 - o.alpha) * ce + o.alpha * kl
+        elif self.paper:
+            ce = F.cross_entropy(student_logits.float(), labels, label_smoothing=o.label_smoothing)
+            loss = (1 - o.alpha) * ce + o.alpha * paper_soft_loss(student_logits, teacher_logits, o.temperature)
+        else:
+            loss = kd_loss_with(student_logits, teacher_logits, labels, o)
+        if self.beta > 0 and projected is not None:
+            loss = loss + self.beta * feature_distance(projected, teacher_features)
+        return loss
 
 
-def self_kd_loss(cfg: TrainConfig, logits: Tensor, labels: Tensor, features: Tensor | None = None,
+@dataclass(frozen=True)
+class SelfKDObjective:
+    """BYOT's loss of one replayed batch, from the fields it needs: the KD options (T, α = the shallow exits' KD
+    weight, ε, no T² as the official code) and β."""
+
+    options: KDOptions
+    beta: float = 0.0
+
+    def __call__(self, logits: Tensor, labels: Tensor, features: Tensor | None = None,
                  projected: Tensor | None = None) -> Tensor:
-    """BYOT loss of one replayed batch. ``logits (E, B, C)`` deepest exit first; ``features (E, B, D)``;
-    ``projected (A, B, D)``: the adapters' outputs on the A shallowest exits' features."""
-    deepest = logits[0]
-    loss = F.cross_entropy(deepest.float(), labels)
-    exits = logits[1:]
-    per_exit = kd_loss(exits, deepest.detach(), labels, temperature=cfg.temperature, alpha=cfg.self_kd_weight,
-                       t_squared=False, label_smoothing=cfg.label_smoothing)  # (E-1,)
-    loss = loss + per_exit.sum()
-    if cfg.beta > 0 and projected is not None and features is not None:
-        target = features[0].detach()
-        for adapted in projected:
-            loss = loss + cfg.beta * feature_distance(adapted, target)
-    return loss
+        """``logits (E, B, C)`` deepest exit first; ``features (E, B, D)``; ``projected (A, B, D)``: the adapters'
+        outputs on the A shallowest exits' features."""
+        deepest = logits[0]
+        loss = F.cross_entropy(deepest.float(), labels)
+        per_exit = kd_loss_with(logits[1:], deepest.detach(), labels, self.options)  # (E-1,)
+        loss = loss + per_exit.sum()
+        if self.beta > 0 and projected is not None and features is not None:
+            target = features[0].detach()
+            for adapted in projected:
+                loss = loss + self.beta * feature_distance(adapted, target)
+        return loss

@@ -8,7 +8,8 @@ from torch import Tensor, nn
 from spacedkd_fast import backends
 from spacedkd_fast.loss.args import canonicalize, check_target_values
 from spacedkd_fast.loss.function import fused_kd_loss
-from spacedkd_fast.loss.reference import kd_loss_rows_reference, reduce_rows
+from spacedkd_fast.loss.options import KDOptions
+from spacedkd_fast.loss.reference import rows_reduced_reference
 
 
 def kd_loss(
@@ -54,29 +55,24 @@ def kd_loss(
     Raises:
         TypeError / ValueError naming the argument, for bad shapes, dtypes, labels, or hyperparameters.
     """
-    problem = canonicalize(
-        student_logits, teacher_logits, target,
-        temperature=temperature, alpha=alpha, label_smoothing=label_smoothing,
-        ignore_index=ignore_index, reduction=reduction, check_targets=False,
-    )
+    options = KDOptions(temperature=temperature, alpha=alpha, label_smoothing=label_smoothing,
+                        ignore_index=ignore_index, reduction=reduction, t_squared=t_squared,
+                        teacher_grad=teacher_grad)
+    return kd_loss_with(student_logits, teacher_logits, target, options, backend)
+
+
+def kd_loss_with(student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None, options: KDOptions,
+                 backend: str = "auto") -> Tensor:
+    """:func:`kd_loss` with its options as one checked value (what :class:`KDLoss` and the engine call)."""
+    problem = canonicalize(student_logits, teacher_logits, target, options, check_targets=False)
     # float64 anywhere routes "auto" to the reference; otherwise the kernels handle mixed dtypes themselves.
     dtype = torch.float64 if torch.float64 in (student_logits.dtype, teacher_logits.dtype) else student_logits.dtype
     chosen = backends.select_loss_backend(backend, student_logits.device, dtype)
     if problem.target is not None and chosen != "cpp":  # the C++ kernel checks the labels in its own pass
-        check_target_values(problem.target, problem.vocab, ignore_index)
+        check_target_values(problem.target, problem.vocab, options.ignore_index)
     if chosen == "torch":
-        teacher = problem.teacher_rows() if teacher_grad else problem.teacher_rows().detach()
-        rows = kd_loss_rows_reference(
-            problem.student_rows(), teacher, problem.target,
-            temperature=temperature, alpha=alpha, label_smoothing=label_smoothing,
-            ignore_index=ignore_index, t_squared=t_squared,
-        )
-        return reduce_rows(rows.float(), problem, reduction)
-    return fused_kd_loss(
-        problem, temperature=temperature, alpha=alpha, label_smoothing=label_smoothing,
-        reduction=reduction, t_squared=t_squared, teacher_grad=teacher_grad, backend=chosen,
-        allow_fallback=backend == "auto",
-    )
+        return rows_reduced_reference(problem, options, rows_dtype=torch.float32)
+    return fused_kd_loss(problem, options, backend=chosen, allow_fallback=backend == "auto")
 
 
 class KDLoss(nn.Module):
@@ -99,19 +95,16 @@ class KDLoss(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        self.options = dict(
-            temperature=temperature, alpha=alpha, label_smoothing=label_smoothing, ignore_index=ignore_index,
-            reduction=reduction, t_squared=t_squared, teacher_grad=teacher_grad, backend=backend,
-        )
-        # Check the hyperparameters now on a 1×1 problem (no data involved).
-        probe = torch.zeros(1, 1)
-        canonicalize(probe, probe, None, temperature=temperature, alpha=alpha, label_smoothing=label_smoothing,
-                     ignore_index=ignore_index, reduction=reduction)
+        self.options = KDOptions(temperature=temperature, alpha=alpha, label_smoothing=label_smoothing,
+                                 ignore_index=ignore_index, reduction=reduction, t_squared=t_squared,
+                                 teacher_grad=teacher_grad)  # checked now: a bad value fails before training
         if backend not in backends.LOSS_BACKENDS:
             raise ValueError(f"kd_loss: backend must be one of {backends.LOSS_BACKENDS}, got {backend!r}")
+        self.backend = backend
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None = None) -> Tensor:
-        return kd_loss(student_logits, teacher_logits, target, **self.options)
+        return kd_loss_with(student_logits, teacher_logits, target, self.options, self.backend)
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        fields = {f: getattr(self.options, f) for f in self.options.__dataclass_fields__}
+        return ", ".join(f"{k}={v!r}" for k, v in {**fields, "backend": self.backend}.items())

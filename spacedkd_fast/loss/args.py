@@ -10,29 +10,14 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from numbers import Real
 
 import torch
 from torch import Tensor
 
-REDUCTIONS = ("mean", "sum", "none")
+from spacedkd_fast.loss.options import REDUCTIONS, KDOptions, _fail
+
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
-def _fail(exc_type: type[Exception], message: str):
-    raise exc_type(f"kd_loss: {message}")
-
-
-def _check_number(name: str, value, low: float, high: float, *, low_open: bool, high_open: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        _fail(TypeError, f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    below = value <= low if low_open else value < low
-    above = value >= high if high_open else value > high
-    if math.isnan(value) or below or above:
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        _fail(ValueError, f"{name} must be in {interval}, got {value!r}")
-    return value
+__all__ = ["REDUCTIONS", "FLOAT_DTYPES", "KDProblem", "canonicalize", "check_target_values"]
 
 
 def _check_logits(name: str, x) -> None:
@@ -161,19 +146,10 @@ def _row_groups(problem: KDProblem, student: Tensor, teacher: Tensor):
     return [tuple(g) for g in groups]
 
 
-def canonicalize(
-    student_logits,
-    teacher_logits,
-    target,
-    *,
-    temperature,
-    alpha,
-    label_smoothing,
-    ignore_index,
-    reduction,
-    check_targets: bool = True,
-) -> KDProblem:
-    """Check every argument of a kd_loss call and return the canonical problem.
+def canonicalize(student_logits, teacher_logits, target, options: KDOptions, *,
+                 check_targets: bool = True) -> KDProblem:
+    """Check the tensors of a kd_loss call against each other and against ``options`` (already checked: a
+    :class:`~spacedkd_fast.loss.options.KDOptions`) and return the canonical problem.
 
     ``check_targets=False`` leaves the label *values* to the caller (:func:`check_target_values`), for backends
     that check them on their own.
@@ -197,13 +173,6 @@ def canonicalize(
     if student_logits.device != teacher_logits.device:
         _fail(ValueError, f"student_logits is on {student_logits.device} but teacher_logits is on "
                           f"{teacher_logits.device}")
-    _check_number("temperature", temperature, 0.0, math.inf, low_open=True, high_open=True)
-    _check_number("alpha", alpha, 0.0, 1.0, low_open=False, high_open=False)
-    _check_number("label_smoothing", label_smoothing, 0.0, 1.0, low_open=False, high_open=True)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        _fail(TypeError, f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if reduction not in REDUCTIONS:
-        _fail(ValueError, f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
     lead_shape = t_shape[:-1]
     flat_target = None
@@ -219,9 +188,9 @@ def canonicalize(
             _fail(ValueError, f"target is on {target.device} but the logits are on {teacher_logits.device}")
         flat_target = target.reshape(-1)
         if check_targets:
-            check_target_values(flat_target, t_shape[-1], ignore_index)
+            check_target_values(flat_target, t_shape[-1], options.ignore_index)
 
     return KDProblem(
         student=student_logits, teacher=teacher_logits, target=flat_target,
-        multi_student=multi, lead_shape=lead_shape, ignore_index=ignore_index,
+        multi_student=multi, lead_shape=lead_shape, ignore_index=options.ignore_index,
     )

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from spacedkd_fast import backends
 from spacedkd_fast.loss.args import KDProblem
+from spacedkd_fast.loss.options import KDOptions
 
 _keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
 
@@ -40,14 +41,6 @@ def _graph_retained() -> bool:
         return True
 
 
-def problem_weights(problem: KDProblem, temperature: float, alpha: float, t_squared: bool) -> tuple[float, float]:
-    """``(ce_weight, kd_weight)``: ``(1 − α, α·c)`` with a target, ``(0, c)`` without; c = T² or 1."""
-    kd_scale = temperature * temperature if t_squared else 1.0
-    if problem.target is None:
-        return 0.0, kd_scale
-    return 1.0 - alpha, alpha * kd_scale
-
-
 def _problem(student: Tensor, teacher: Tensor, target: Tensor | None, ignore_index: int) -> KDProblem:
     multi = student.dim() == teacher.dim() + 1
     return KDProblem(student=student, teacher=teacher, target=target, multi_student=multi,
@@ -60,46 +53,47 @@ def _output_shapes(problem: KDProblem, reduction: str) -> tuple[tuple[int, ...],
     return loss_shape, grad_t_shape
 
 
-def _run_cpp(problem: KDProblem, student4, teacher3, temperature, ce_weight, kd_weight, label_smoothing,
-             reduction, grad_student, grad_teacher):
+def _run_cpp(problem: KDProblem, student4, teacher3, options: KDOptions, grad_student, grad_teacher):
     from spacedkd_fast import _C
 
     target = problem.target
     if target is not None and target.dtype != torch.int64:
         target = target.to(torch.int64)
+    ce_weight, kd_weight = options.weights(target is not None)
     # The kernel counts the non-ignored rows, reduces the loss and checks the labels itself (free on CPU).
-    return _C.kd_loss_forward(student4, teacher3, target, temperature, ce_weight, kd_weight, label_smoothing,
-                              problem.ignore_index, reduction, grad_student, grad_teacher)
+    return _C.kd_loss_forward(student4, teacher3, target, options.temperature, ce_weight, kd_weight,
+                              options.label_smoothing, options.ignore_index, options.reduction, grad_student,
+                              grad_teacher)
 
 
-def _run_triton(problem: KDProblem, student4, teacher3, temperature, ce_weight, kd_weight, label_smoothing,
-                reduction, grad_student, grad_teacher):
+def run_triton(problem: KDProblem, student4, teacher3, options: KDOptions, grad_student, grad_teacher):
+    """The Triton launcher with the options as its scalars (the compile gate launches through here too)."""
     from spacedkd_fast.kernels import kd_loss_forward
 
+    ce_weight, kd_weight = options.weights(problem.target is not None)
     return kd_loss_forward(
-        student4, teacher3, problem.target, temperature=temperature, ce_weight=ce_weight, kd_weight=kd_weight,
-        label_smoothing=label_smoothing, ignore_index=problem.ignore_index, reduction=reduction,
-        grad_student=grad_student, grad_teacher=grad_teacher)
+        student4, teacher3, problem.target, temperature=options.temperature, ce_weight=ce_weight,
+        kd_weight=kd_weight, label_smoothing=options.label_smoothing, ignore_index=options.ignore_index,
+        reduction=options.reduction, grad_student=grad_student, grad_teacher=grad_teacher)
 
 
-def _run_reference(problem: KDProblem, temperature, ce_weight, kd_weight, label_smoothing, reduction,
-                   grad_student, grad_teacher):
+def _run_reference(problem: KDProblem, options: KDOptions, grad_student, grad_teacher):
     """The kernels' contract computed by the torch reference and autograd: the fallback when Triton fails to
     compile. Returns ``(loss (K,) or (K, N), grad_student (K, N, V), grad_teacher (K, N, V))`` like the kernels."""
     from spacedkd_fast.loss.reference import kd_loss_terms_reference
 
     k, n, v = problem.num_students, problem.num_rows, problem.vocab
+    ce_weight, kd_weight = options.weights(problem.target is not None)
     with torch.enable_grad():
         student = problem.student_rows().detach().requires_grad_(grad_student)
         teacher = problem.teacher_rows().detach()
         if grad_teacher:  # one teacher copy per student: the kernels' per-student teacher gradients
             teacher = teacher.expand(k, n, v).clone().requires_grad_(True)
-        ce, kl = kd_loss_terms_reference(student, teacher, problem.target, temperature=temperature,
-                                         label_smoothing=label_smoothing, ignore_index=problem.ignore_index)
+        ce, kl = kd_loss_terms_reference(student, teacher, problem.target, options)
         loss = (kd_weight * kl if ce is None else ce_weight * ce + kd_weight * kl).float()  # (K, N)
-        if reduction != "none":
+        if options.reduction != "none":
             loss = loss.sum(dim=1)
-            if reduction == "mean":
+            if options.reduction == "mean":
                 loss = loss / problem.valid_count(torch.float32).clamp_min(1)
         inputs = [x for x, wanted in ((student, grad_student), (teacher, grad_teacher)) if wanted]
         grads = list(torch.autograd.grad(loss.sum(), inputs)) if inputs else []
@@ -127,14 +121,13 @@ def _triton_compile_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def _run_triton_or_fallback(problem: KDProblem, student4, teacher3, temperature, ce_weight, kd_weight,
-                            label_smoothing, reduction, grad_student, grad_teacher, allow_fallback: bool):
+def _run_triton_or_fallback(problem: KDProblem, student4, teacher3, options: KDOptions, grad_student, grad_teacher,
+                            allow_fallback: bool):
     """Triton; when the kernel fails to *compile* (a Triton/driver combination the kernel does not support),
     the torch reference, with one log line, and Triton is not tried again in this process (``backend="auto"``);
     an explicit ``backend="triton"`` raises instead."""
     try:
-        return _run_triton(problem, student4, teacher3, temperature, ce_weight, kd_weight, label_smoothing,
-                           reduction, grad_student, grad_teacher)
+        return run_triton(problem, student4, teacher3, options, grad_student, grad_teacher)
     except _triton_compile_errors() as exc:
         # Triton's messages put the location first and the error last (with source lines between).
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
@@ -146,16 +139,15 @@ def _run_triton_or_fallback(problem: KDProblem, student4, teacher3, temperature,
                                f"({reason})") from exc
         backends.warn_once("triton-compile", f"the Triton kd_loss kernel failed to compile ({reason}); kd_loss "
                                              f"uses the torch reference from now on")
-        return _run_reference(problem, temperature, ce_weight, kd_weight, label_smoothing, reduction,
-                              grad_student, grad_teacher)
+        return _run_reference(problem, options, grad_student, grad_teacher)
 
 
-def _forward(problem: KDProblem, temperature: float, ce_weight: float, kd_weight: float, label_smoothing: float,
-             reduction: str, grad_student: bool, grad_teacher: bool, backend: str, allow_fallback: bool):
+def _forward(problem: KDProblem, options: KDOptions, grad_student: bool, grad_teacher: bool, backend: str,
+             allow_fallback: bool):
     """``(loss, grad_student, grad_teacher)``: the loss in its public shape (fp32); the gradient of the reduced
     loss w.r.t. the student (its shape and dtype) or None; ``(K, *teacher.shape)`` per-student teacher gradients
     or None."""
-    loss_shape, grad_t_shape = _output_shapes(problem, reduction)
+    loss_shape, grad_t_shape = _output_shapes(problem, options.reduction)
     student, teacher = problem.student, problem.teacher
     if problem.num_rows == 0 or problem.num_students == 0:
         return (torch.zeros(loss_shape, dtype=torch.float32, device=student.device),
@@ -163,12 +155,10 @@ def _forward(problem: KDProblem, temperature: float, ce_weight: float, kd_weight
                 teacher.new_zeros(grad_t_shape) if grad_teacher else None)
     student4, teacher3 = problem.strided_views()
     if backend == "triton":
-        loss, grad_s, grad_t = _run_triton_or_fallback(problem, student4, teacher3, temperature, ce_weight,
-                                                       kd_weight, label_smoothing, reduction, grad_student,
+        loss, grad_s, grad_t = _run_triton_or_fallback(problem, student4, teacher3, options, grad_student,
                                                        grad_teacher, allow_fallback)
     else:
-        loss, grad_s, grad_t = _run_cpp(problem, student4, teacher3, temperature, ce_weight, kd_weight,
-                                        label_smoothing, reduction, grad_student, grad_teacher)
+        loss, grad_s, grad_t = _run_cpp(problem, student4, teacher3, options, grad_student, grad_teacher)
     return (loss.view(loss_shape) if loss.shape != loss_shape else loss,
             grad_s.view(student.shape) if grad_student else None,
             grad_t.view(grad_t_shape) if grad_teacher else None)
@@ -211,12 +201,10 @@ def _scaled_gradients(grad_loss: Tensor, grad_s: Tensor | None, grad_t: Tensor |
 # ---- eager: autograd.Function --------------------------------------------------------------------------------
 class _FusedKDLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student, teacher, problem, temperature, ce_weight, kd_weight, label_smoothing, reduction,
-                grad_student, grad_teacher, backend, allow_fallback):
-        loss, grad_s, grad_t = _forward(problem, temperature, ce_weight, kd_weight, label_smoothing, reduction,
-                                        grad_student, grad_teacher, backend, allow_fallback)
+    def forward(ctx, student, teacher, problem, options, grad_student, grad_teacher, backend, allow_fallback):
+        loss, grad_s, grad_t = _forward(problem, options, grad_student, grad_teacher, backend, allow_fallback)
         ctx.grads = (grad_s, grad_t)  # plain attributes: not version-checked, freed with the graph
-        ctx.reduction, ctx.multi, ctx.teacher_dim = reduction, problem.multi_student, teacher.dim()
+        ctx.reduction, ctx.multi, ctx.teacher_dim = options.reduction, problem.multi_student, teacher.dim()
         return loss
 
     @staticmethod
@@ -232,45 +220,48 @@ class _FusedKDLoss(torch.autograd.Function):
             ctx.grads = None  # scaled in place below: never usable again, and freed with this call
         d_student, d_teacher = _scaled_gradients(grad_loss, grad_s, grad_t, reduction=ctx.reduction,
                                                  multi=ctx.multi, teacher_dim=ctx.teacher_dim, in_place=in_place)
-        return (d_student, d_teacher) + (None,) * 10
+        return (d_student, d_teacher) + (None,) * 6
 
 
 # ---- torch.compile: custom op --------------------------------------------------------------------------------
+# A custom op's arguments are tensors and scalars, so the options travel as their fields, and are rebuilt inside
+# (checked already: KDOptions.trusted).
 @torch.library.custom_op("spacedkd_fast::kd_loss_fused", mutates_args=())
 def kd_loss_fused(
     student: Tensor,
     teacher: Tensor,
     target: Tensor | None,
     temperature: float,
-    ce_weight: float,
-    kd_weight: float,
+    alpha: float,
     label_smoothing: float,
     ignore_index: int,
     reduction: str,
+    t_squared: bool,
     grad_student: bool,
     grad_teacher: bool,
     backend: str,
     allow_fallback: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Loss and saved gradients of one kd_loss call (arguments already checked by ``canonicalize``).
+    """Loss and saved gradients of one kd_loss call (arguments already checked).
 
     Args:
         student: ``(..., V)`` or ``(K, ..., V)``; teacher ``(..., V)``; target ``(N,)`` flattened labels or None.
-        ce_weight, kd_weight: ``1 − α`` and ``α·T²`` (see :func:`problem_weights`).
+        temperature ... t_squared: the fields of the call's :class:`~spacedkd_fast.loss.options.KDOptions`.
         backend: "triton" or "cpp".
 
     Returns:
         ``(loss, grad_student, grad_teacher)``, with empty tensors for the gradients not asked for.
     """
-    loss, grad_s, grad_t = _forward(_problem(student, teacher, target, ignore_index), temperature, ce_weight,
-                                    kd_weight, label_smoothing, reduction, grad_student, grad_teacher, backend,
-                                    allow_fallback)
+    options = KDOptions.trusted(temperature=temperature, alpha=alpha, label_smoothing=label_smoothing,
+                                ignore_index=ignore_index, reduction=reduction, t_squared=t_squared)
+    loss, grad_s, grad_t = _forward(_problem(student, teacher, target, ignore_index), options, grad_student,
+                                    grad_teacher, backend, allow_fallback)
     return (loss, grad_s if grad_s is not None else student.new_empty(0),
             grad_t if grad_t is not None else teacher.new_empty(0))
 
 
 @kd_loss_fused.register_fake
-def _(student, teacher, target, temperature, ce_weight, kd_weight, label_smoothing, ignore_index, reduction,
+def _(student, teacher, target, temperature, alpha, label_smoothing, ignore_index, reduction, t_squared,
       grad_student, grad_teacher, backend, allow_fallback):
     problem = _problem(student, teacher, target, ignore_index)
     loss_shape, grad_t_shape = _output_shapes(problem, reduction)
@@ -287,7 +278,7 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(grad_s, grad_t)
     ctx.multi = student.dim() == teacher.dim() + 1
     ctx.teacher_dim = teacher.dim()
-    ctx.reduction = inputs[8]
+    ctx.reduction = inputs[7]
     ctx.has_grad_s = inputs[9]
     ctx.has_grad_t = inputs[10]
 
@@ -306,29 +297,24 @@ def _compiled_backward(ctx, grad_loss, _grad_s_unused, _grad_t_unused):
 torch.library.register_autograd("spacedkd_fast::kd_loss_fused", _compiled_backward, setup_context=_setup_context)
 
 
-def fused_kd_loss(problem: KDProblem, *, temperature: float, alpha: float, label_smoothing: float,
-                  reduction: str, t_squared: bool, teacher_grad: bool, backend: str,
-                  allow_fallback: bool = False) -> Tensor:
+def fused_kd_loss(problem: KDProblem, options: KDOptions, *, backend: str, allow_fallback: bool = False) -> Tensor:
     """Run a checked problem through the Triton or C++ backend, with autograd."""
-    ce_weight, kd_weight = problem_weights(problem, temperature, alpha, t_squared)
     grad_enabled = torch.is_grad_enabled()
     grad_student = grad_enabled and problem.student.requires_grad
-    grad_teacher = grad_enabled and teacher_grad and problem.teacher.requires_grad
+    grad_teacher = grad_enabled and options.teacher_grad and problem.teacher.requires_grad
     teacher = problem.teacher if grad_teacher else problem.teacher.detach()
     if torch.compiler.is_compiling():
         loss, _, _ = kd_loss_fused(
-            problem.student, teacher, problem.target, float(temperature), float(ce_weight), float(kd_weight),
-            float(label_smoothing), int(problem.ignore_index), reduction, grad_student, grad_teacher, backend,
+            problem.student, teacher, problem.target, options.temperature, options.alpha, options.label_smoothing,
+            options.ignore_index, options.reduction, options.t_squared, grad_student, grad_teacher, backend,
             allow_fallback)
         return loss
     if not (grad_student or grad_teacher):  # inference: no graph to build
-        return _forward(problem, temperature, ce_weight, kd_weight, label_smoothing, reduction, False, False,
-                        backend, allow_fallback)[0]
+        return _forward(problem, options, False, False, backend, allow_fallback)[0]
     if teacher is not problem.teacher:
         problem = _problem(problem.student, teacher, problem.target, problem.ignore_index)
-    return _FusedKDLoss.apply(problem.student, teacher, problem, float(temperature), float(ce_weight),
-                              float(kd_weight), float(label_smoothing), reduction, grad_student, grad_teacher,
-                              backend, allow_fallback)
+    return _FusedKDLoss.apply(problem.student, teacher, problem, options, grad_student, grad_teacher, backend,
+                              allow_fallback)
 
 
-__all__ = ["kd_loss_fused", "fused_kd_loss", "problem_weights"]
+__all__ = ["kd_loss_fused", "fused_kd_loss", "run_triton"]

@@ -27,29 +27,26 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from spacedkd_fast.loss.args import KDProblem, canonicalize
+from spacedkd_fast.loss.options import KDOptions
 
-__all__ = ["kd_loss_reference", "kd_loss_rows_reference", "kd_loss_terms_reference", "reduce_rows"]
+__all__ = ["kd_loss_reference", "kd_loss_rows_reference", "kd_loss_terms_reference", "reduce_rows",
+           "rows_reduced_reference"]
 
 
-def kd_loss_terms_reference(
-    student: Tensor,
-    teacher: Tensor,
-    target: Tensor | None,
-    *,
-    temperature: float,
-    label_smoothing: float,
-    ignore_index: int,
-) -> tuple[Tensor | None, Tensor]:
+def kd_loss_terms_reference(student: Tensor, teacher: Tensor, target: Tensor | None,
+                            options: KDOptions) -> tuple[Tensor | None, Tensor]:
     """The two terms of every row: ``(CE_ε(s, y), KL(softmax(t/T) ‖ softmax(s/T)))``, unweighted.
 
     Args:
         student: ``(K, N, V)`` logits of K students (K = 1 for the ordinary case); any float dtype.
         teacher: ``(N, V)`` logits shared by the K students (or ``(K, N, V)``, one copy per student).
         target: ``(N,)`` integer labels, or None (then CE is None and no row is ignored).
+        options: T, ε and the ignore index (the weights are applied by the caller).
 
     Returns:
         ``(ce, kl)``, each ``(K, N)``, float64 for float64 inputs and float32 otherwise; ignored rows are 0.
     """
+    temperature, label_smoothing, ignore_index = options.temperature, options.label_smoothing, options.ignore_index
     compute_dtype = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
     s = student.to(compute_dtype)
     t = teacher.to(compute_dtype)
@@ -75,35 +72,24 @@ def kd_loss_terms_reference(
     return torch.where(valid, ce, zero), torch.where(valid, kl, zero)
 
 
-def kd_loss_rows_reference(
-    student: Tensor,
-    teacher: Tensor,
-    target: Tensor | None,
-    *,
-    temperature: float,
-    alpha: float,
-    label_smoothing: float,
-    ignore_index: int,
-    t_squared: bool,
-) -> Tensor:
-    """Per-row losses.
+def kd_loss_rows_reference(student: Tensor, teacher: Tensor, target: Tensor | None, options: KDOptions) -> Tensor:
+    """Per-row losses: ``ce_weight · CE + kd_weight · KL`` with the weights of ``options`` (``(1 − α, α·c)``, or
+    ``(0, c)`` without a target).
 
     Args:
         student: ``(K, N, V)`` logits of K students (K = 1 for the ordinary case); any float dtype.
         teacher: ``(N, V)`` logits shared by the K students.
         target: ``(N,)`` integer labels, or None for the KL term alone.
-        (the rest as in :func:`spacedkd_fast.kd_loss`)
 
     Returns:
         ``(K, N)`` losses in float64 for float64 inputs, float32 otherwise. Gradients flow to ``student`` and,
         unless the caller detached it, to ``teacher``.
     """
-    ce, kl = kd_loss_terms_reference(student, teacher, target, temperature=temperature,
-                                     label_smoothing=label_smoothing, ignore_index=ignore_index)
-    kd_scale = temperature * temperature if t_squared else 1.0
+    ce, kl = kd_loss_terms_reference(student, teacher, target, options)
+    ce_weight, kd_weight = options.weights(target is not None)
     if ce is None:
-        return kd_scale * kl
-    return (1.0 - alpha) * ce + alpha * kd_scale * kl
+        return kd_weight * kl
+    return ce_weight * ce + kd_weight * kl
 
 
 def reduce_rows(rows: Tensor, problem: KDProblem, reduction: str) -> Tensor:
@@ -137,17 +123,18 @@ def kd_loss_reference(
     Accepts the same shapes (``(..., V)``, or ``(K, ..., V)`` students over one ``(..., V)`` teacher) and checks
     its arguments the same way. Autograd provides the gradients.
     """
-    problem = canonicalize(
-        student_logits, teacher_logits, target,
-        temperature=temperature, alpha=alpha, label_smoothing=label_smoothing,
-        ignore_index=ignore_index, reduction=reduction,
-    )
+    options = KDOptions(temperature=temperature, alpha=alpha, label_smoothing=label_smoothing,
+                        ignore_index=ignore_index, reduction=reduction, t_squared=t_squared,
+                        teacher_grad=teacher_grad)
+    problem = canonicalize(student_logits, teacher_logits, target, options)
+    return rows_reduced_reference(problem, options)
+
+
+def rows_reduced_reference(problem: KDProblem, options: KDOptions, rows_dtype: torch.dtype | None = None) -> Tensor:
+    """The reference loss of a checked problem, in its public shape (the "torch" backend of ``kd_loss``, which
+    reduces fp32 rows: ``rows_dtype``)."""
     teacher = problem.teacher_rows()
-    if not teacher_grad:
+    if not options.teacher_grad:
         teacher = teacher.detach()
-    rows = kd_loss_rows_reference(
-        problem.student_rows(), teacher, problem.target,
-        temperature=temperature, alpha=alpha, label_smoothing=label_smoothing,
-        ignore_index=ignore_index, t_squared=t_squared,
-    )
-    return reduce_rows(rows, problem, reduction)
+    rows = kd_loss_rows_reference(problem.student_rows(), teacher, problem.target, options)
+    return reduce_rows(rows if rows_dtype is None else rows.to(rows_dtype), problem, options.reduction)
