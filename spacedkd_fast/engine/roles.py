@@ -176,6 +176,7 @@ class Role:
     device: torch.device | None = None  # the CUDA device whose generator ``context`` swaps
     lr_policy: PositionLR | SchedulerLR | KeepLR = field(default_factory=KeepLR)
     step_loss: RunningLoss = field(default_factory=RunningLoss)  # ... of a step record (every --log-every steps)
+    checked: list | None = None  # inside dry_run(): the losses the steps computed (nothing is updated)
 
     @property
     def net(self) -> FeatureForward:
@@ -227,8 +228,26 @@ class Role:
         self.epoch_loss.add(value)
         self.step_loss.add(value)
 
+    @contextlib.contextmanager
+    def dry_run(self):
+        """Within the block the role's steps compute their loss and stop there: no backward, no optimizer or lr
+        scheduler step, no running loss, the plain module (no DDP collective, no compile) in eval mode under
+        no_grad (no BatchNorm statistics or random draws change). Yields the list the losses go to."""
+        model, was_training = self.model, unwrap(self.model).training
+        self.model, self.checked = unwrap(self.model), []
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                yield self.checked
+        finally:
+            model.train(was_training)
+            self.model, self.checked = model, None
+
     def optimizer_step(self, loss: Tensor, iteration: int) -> None:
         """Backward and one optimizer step at the learning rate of data iteration ``iteration``."""
+        if self.checked is not None:
+            self.checked.append(loss)
+            return
         self.last_lr = self.lr_policy.apply(self.optimizer, iteration)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

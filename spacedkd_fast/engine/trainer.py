@@ -15,6 +15,7 @@ streams that run concurrently, synchronized only by events on the window's batch
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import signal
 import time
@@ -160,6 +161,7 @@ class Trainer:
             self._student_evals(None)  # epochs that end before the first replay evaluate the untrained student
         if self.position.phase == "student" and self.cfg.teacher_weights:
             self.records.frozen_teacher_acc = self.records.accuracy(self._measure(self.teacher)[0], "teacher")
+        self._check_first_batch()
         self._progress = progress_bar(self)
         depth = self.cfg.prefetch if self.cfg.prefetch is not None else (2 if self.device.type == "cuda" else 0)
         self.feed.start(self._data_iteration(), self.schedule.total_iterations * len(self.mode.phases), depth)
@@ -266,6 +268,34 @@ class Trainer:
         if finished is not None and self.mode.online_student:
             self._student_evals(finished)
         return role, i
+
+    def _check_first_batch(self) -> None:
+        """Before any step, the next fresh batch through every step the mode will take (the fresh step of each
+        phase, the s = 0 and replay steps), losses only: a batch, a model or a setting that fails (a label out of
+        range, a loss that is not a finite scalar, ...) stops the run now, not after the teacher's first block."""
+        batch, i = self.feed.fresh(self._data_iteration()), self._data_iteration()
+        steps = [(phase.trains, self.mode.fresh_step(phase, block), phase.teacher) for phase in self.mode.phases
+                 for block in (self.schedule.blocks[0], self.schedule.blocks[-1])]
+        if self.mode.spaced:
+            steps.append(("student", self.mode.replay, "teacher" if self.mode.snapshots else None))
+        for name, step, teacher in dict.fromkeys(steps):
+            role = self.roles[name]
+            try:
+                with contextlib.ExitStack() as dry:
+                    checked = [dry.enter_context(r.dry_run()) for r in self.roles.values()]  # all in eval mode
+                    with role.context():
+                        step(self.objectives, role, batch.inputs, batch.labels, i,
+                             self.roles[teacher].net if teacher else None)
+                    losses = sum(checked, [])
+                for loss in losses:
+                    if not (torch.is_tensor(loss) and loss.numel() == 1 and loss.dtype.is_floating_point):
+                        raise ValueError(f"the loss is {type(loss).__name__} {tuple(getattr(loss, 'shape', ()))}, "
+                                         f"not a scalar")
+                    if not torch.isfinite(loss).all():
+                        raise ValueError(f"the loss is {float(loss)}")
+            except Exception as exc:  # noqa: BLE001 - whatever failed, it failed before any training
+                raise ValueError(f"the {name}'s {step.__name__} fails on the first batch (data iteration {i}), before "
+                                 f"any training: {type(exc).__name__}: {exc}") from exc
 
     def _data_iteration(self) -> int:
         """Index of the next fresh batch in the data stream (offline's student phase reads epochs E..2E-1 of it,
