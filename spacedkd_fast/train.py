@@ -38,7 +38,7 @@ GROUPS = {
     "distillation": ("alpha", "temperature", "beta", "label_smoothing", "kd_objective", "teacher_bn",
                      "self_kd_weight"),
     "execution": ("device", "precision", "channels_last", "compile", "tf32", "deterministic", "overlap",
-                  "seed", "threads"),
+                  "seed", "threads", "dist_timeout"),
     "data path": ("data_backend", "prefetch", "window_budget", "host_budget", "window_storage"),
     "outputs": ("out", "resume", "overwrite", "log_every", "tensorboard", "trace_batches", "progress", "recipe"),
 }

@@ -153,7 +153,7 @@ class Trainer:
 
         # ---- device, processes, threads ------------------------------------------------------------------------
         self.device = resolve_device(cfg.device)
-        self.dist: DistInfo = init_distributed(self.device.type)
+        self.dist: DistInfo = init_distributed(self.device.type, timeout=cfg.dist_timeout)
         if self.dist.enabled and cfg.out is not None:  # a default --out carries each rank's own clock: use rank 0's
             self.cfg = cfg = dataclasses.replace(cfg, out=broadcast_from_main(cfg.out, self.dist))
         if self.device.type == "cuda" and self.dist.enabled:
