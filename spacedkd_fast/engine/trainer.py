@@ -25,7 +25,6 @@ streams that run concurrently, synchronized only by events on the window slots a
 from __future__ import annotations
 
 import dataclasses
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +71,7 @@ from spacedkd_fast.engine.outputs import (
     summary_table,
 )
 from spacedkd_fast.engine.runtime import bind_device, configure_math, resolve_device, window_budgets
+from spacedkd_fast.engine.stopping import install_stop_signals
 from spacedkd_fast.schedule import Block, SpacingSchedule
 
 STOP_CHECK_EVERY = 8  # DDP: optimizer steps between the ranks' agreements on a stop request (a gloo all-reduce)
@@ -335,8 +335,7 @@ class Trainer:
         finally:
             self._progress.close()
             self.feed.close()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            previous.restore()
             for cb in self.callbacks.callbacks:
                 if isinstance(cb, MetricsFiles):
                     cb.close()  # line-buffered already; closed here on an interruption too
@@ -368,14 +367,9 @@ class Trainer:
             return False
         return any_rank(self._stop_reason is not None, self.dist)
 
-    def _install_signal_handlers(self) -> dict:
-        previous = {}
-        try:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                previous[sig] = signal.signal(sig, lambda signum, frame: self.request_stop(signal.Signals(signum).name))
-        except ValueError:  # not the main thread: leave signals alone
-            pass
-        return previous
+    def _install_signal_handlers(self):
+        # SIGINT/SIGTERM -> request_stop; under DDP also wakes a rank blocked in a collective (engine/stopping.py).
+        return install_stop_signals(self.request_stop, self.dist, self.run_folder)
 
     # ---- the scheduler -------------------------------------------------------------------------------------------
     def _done(self) -> bool:
