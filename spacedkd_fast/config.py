@@ -151,6 +151,13 @@ class TrainConfig:
                              choices=("device", "host"))
     seed: int = _f(0, "seed of initialization and of the data order/augmentation", metavar="N")
     threads: int | None = _f(None, "CPU threads for torch (default: torch's choice)", metavar="N")
+    # Long enough for the longest legitimate wait between two collectives: rank 0 writing last.pt / best.pt /
+    # curves.png (or a slow filesystem) while the others wait at the next barrier or all-reduce, the ranks'
+    # torch.compile or dataset decoding finishing at different times. Short enough that a hung peer costs minutes,
+    # not gloo's / NCCL's 30-minute default.
+    dist_timeout: float = _f(300.0, "DDP: seconds a rank waits in one collective for its peers before it gives up "
+                                    "(exit code 75, the checkpoints stay intact); also the rendezvous timeout",
+                             metavar="S")
 
     # ---- outputs -------------------------------------------------------------------------------------------------
     out: str | None = _f(None, "output folder: config.json, metrics.jsonl, curves.png, last.pt / previous.pt / "
@@ -209,6 +216,9 @@ class TrainConfig:
                               ("teacher_bn", TEACHER_BN)):
             if getattr(self, name) not in choices:
                 bad(name, f"one of {', '.join(choices)}")
+        if not (math.isfinite(self.dist_timeout) and self.dist_timeout > 0):
+            raise ValueError(f"{setting_name('dist_timeout')} must be a finite number of seconds > 0, got "
+                             f"{self.dist_timeout!r}")
         if self.lr_schedule == "step" and not self.lr_milestones:
             bad("lr_milestones", "given (at least one epoch) with --lr-schedule step")
 
@@ -264,7 +274,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 # Fields whose value differs between two configs without making a resume incompatible.
 RESUME_MUTABLE = {"resume", "out", "progress", "device", "threads", "trace_batches", "overlap", "eval_batch_size",
                   "compile", "recipe", "prefetch", "window_budget", "host_budget", "window_storage", "tf32",
-                  "deterministic", "overwrite", "log_every", "tensorboard"}
+                  "deterministic", "overwrite", "log_every", "tensorboard", "dist_timeout"}
 
 
 def config_fields() -> tuple[dataclasses.Field, ...]:

@@ -20,11 +20,13 @@ import argparse
 import dataclasses
 import datetime
 import json
+import os
+import socket
 import sys
 import typing
 from pathlib import Path
 
-from spacedkd_fast.config import RECIPES, TrainConfig, config_fields
+from spacedkd_fast.config import RECIPES, TrainConfig, cli_names, config_fields
 from spacedkd_fast.models import MODEL_NAMES
 
 GROUPS = {
@@ -38,7 +40,7 @@ GROUPS = {
     "distillation": ("alpha", "temperature", "beta", "label_smoothing", "kd_objective", "teacher_bn",
                      "self_kd_weight"),
     "execution": ("device", "precision", "channels_last", "compile", "tf32", "deterministic", "overlap",
-                  "seed", "threads"),
+                  "seed", "threads", "dist_timeout"),
     "data path": ("data_backend", "prefetch", "window_budget", "host_budget", "window_storage"),
     "outputs": ("out", "resume", "overwrite", "log_every", "tensorboard", "trace_batches", "progress", "recipe"),
 }
@@ -64,8 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             "Precedence: defaults < --recipe < the saved config of --resume < explicit flags.\n"
             "Outputs in --out (default runs/<mode>-<date>-<time>): config.json, metrics.jsonl, curves.png,\n"
-            "last.pt / previous.pt / best.pt (+ batches.jsonl with --trace-batches). Ctrl-C (or SIGTERM) writes\n"
-            "last.pt; continue with --resume DIR, extend a finished run with --resume DIR --epochs N."),
+            "last.pt / previous.pt / best.pt, status.json (+ batches.jsonl with --trace-batches). Ctrl-C (or\n"
+            "SIGTERM) writes last.pt and exits 0; continue with --resume DIR, extend a finished run with --resume DIR\n"
+            "--epochs N. Exit codes: 0 finished or stopped on request, 2 bad input, 75 a DDP peer stopped answering\n"
+            "(the checkpoints are intact: resume), 1 anything else."),
         argument_default=argparse.SUPPRESS,  # only explicitly given flags reach the namespace
         formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, max_help_position=30, width=110),
     )
@@ -120,27 +124,108 @@ def default_out(mode: str) -> str:
     return f"runs/{mode}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    from spacedkd_fast.engine import Trainer, TrainingInterrupted
+EXIT_OK = 0  # finished, or stopped on request (SIGINT/SIGTERM) with last.pt written: status.json tells which
+EXIT_BAD_INPUT = 2  # a bad flag or value, a missing dataset, a folder that holds another run
+STATUS = "status.json"  # the run's state for scripts: running / finished / stopped / peer-lost / failed
 
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line: exit codes :data:`EXIT_OK`, :data:`EXIT_BAD_INPUT`,
+    :data:`~spacedkd_fast.engine.distributed.EXIT_PEER_LOST` (75), 1 for anything else (with its traceback)."""
+    with cli_names():  # errors name settings by their flags
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    from spacedkd_fast.engine import Trainer, TrainingInterrupted
+    from spacedkd_fast.engine.distributed import EXIT_PEER_LOST, DistInfo, last_words, peer_lost, shutdown
+
+    cfg = None
     try:
         cfg = config_from_args(argv)
         trainer = Trainer(cfg)
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    from spacedkd_fast.engine.distributed import shutdown
+        return EXIT_BAD_INPUT
+    except Exception as exc:
+        world = int(os.environ.get("WORLD_SIZE", "1"))  # the Trainer's DistInfo does not exist yet
+        lost = peer_lost(exc, DistInfo(rank=int(os.environ.get("RANK", "0")), world=world))
+        if lost is None:
+            raise
+        print(lost.line(cfg.resume or cfg.out if cfg is not None else None), file=sys.stderr)
+        return EXIT_PEER_LOST
+
+    info, folder = trainer.dist, trainer.run_folder
+    status = RunStatus(folder, info)
+    status.write("running")
+
+    def record_lost(code: int, line: str | None) -> None:  # the stop watchdog ends the process: say why first
+        status.write("peer-lost", code, line, any_rank=True)
 
     try:
-        summary = trainer.fit()
+        with last_words(record_lost):
+            summary = trainer.fit()
+        outcome, line = "finished", None
     except TrainingInterrupted as exc:
-        print(f"\ninterrupted: {exc}", file=sys.stderr)
-        return 130
-    finally:
-        shutdown(trainer.dist)
-    if trainer.dist.is_main:
+        outcome = "stopped"
+        line = f"spacedkd_fast: {exc}"
+        if folder is not None:
+            line += f" (last.pt written{f'; with torchrun --nproc_per_node={info.world}' if info.enabled else ''})"
+    except Exception as exc:
+        lost = peer_lost(exc, info)
+        shutdown(info, peers_alive=False)  # whatever went wrong, a barrier now would only wait out the timeout
+        if lost is None:
+            status.write("failed", 1, f"{type(exc).__name__}: {exc}")
+            raise
+        line = lost.line(folder)
+        print(line, file=sys.stderr)
+        status.write("peer-lost", EXIT_PEER_LOST, line, any_rank=True)
+        return EXIT_PEER_LOST
+    try:
+        shutdown(info)
+    except Exception as exc:
+        lost = peer_lost(exc, info)
+        if lost is None:
+            raise
+        line = lost.line(folder)
+        print(line, file=sys.stderr)
+        status.write("peer-lost", EXIT_PEER_LOST, line, any_rank=True)
+        return EXIT_PEER_LOST
+    if outcome == "stopped":
+        print(line, file=sys.stderr)
+    elif info.is_main:
         print(summary.table())
-    return 0
+    status.write(outcome, EXIT_OK, line)
+    return EXIT_OK
+
+
+class RunStatus:
+    """``status.json`` in the run folder: what a script (a job array, a requeue hook) checks after the process ends,
+    since under torchrun a requested stop and a finished run both exit 0. Written atomically, by rank 0 (any rank
+    for ``peer-lost``: rank 0 may be the rank that stopped answering)::
+
+        {"state": "stopped", "exit_code": 0, "message": "...", "resume": "torchrun ... --resume DIR", ...}
+
+    ``running`` left behind means the process died without a word (SIGKILL, out of memory)."""
+
+    def __init__(self, folder, info) -> None:
+        self.folder, self.info = (Path(folder) if folder is not None else None), info
+
+    def write(self, state: str, exit_code: int | None = None, message: str | None = None, *,
+              any_rank: bool = False) -> None:
+        if self.folder is None or not (self.info.is_main or any_rank):
+            return
+        launch = f"torchrun --nproc_per_node={self.info.world}" if self.info.enabled else "python"
+        record = {"state": state, "exit_code": exit_code, "message": message,
+                  "resume": None if state == "finished" else f"{launch} -m spacedkd_fast.train --resume {self.folder}",
+                  "rank": self.info.rank, "world": self.info.world, "pid": os.getpid(), "host": socket.gethostname(),
+                  "time": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+        tmp = self.folder / f".{STATUS}.{os.getpid()}"
+        try:
+            tmp.write_text(json.dumps(record, indent=2) + "\n")
+            os.replace(tmp, self.folder / STATUS)
+        except OSError as exc:  # the state file must never be why a run fails
+            print(f"spacedkd_fast: could not write {self.folder / STATUS}: {exc}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -92,7 +92,7 @@ def test_sigterm_writes_a_checkpoint_and_resume_finishes_bit_identically(tmp_pat
     time.sleep(0.3)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=240)
-    assert proc.returncode == 130, stderr
+    assert proc.returncode == 0, stderr  # a requested stop is a clean exit (status.json says "stopped")
     assert "stopped by SIGTERM" in stderr and "--resume" in stderr
     stopped_at = torch.load(run / "last.pt", weights_only=True)["position"]["t_iter"]
     assert 0 < stopped_at < 48

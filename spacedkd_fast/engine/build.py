@@ -112,7 +112,7 @@ def build_run(cfg: TrainConfig, given: GivenParts, resume_state: dict | None) ->
     their roles, the objectives, the teacher snapshots and the block driver."""
     mode = MODES[cfg.mode]
     device = resolve_device(cfg.device)
-    dist = init_distributed(device.type)
+    dist = init_distributed(device.type, timeout=cfg.dist_timeout)
     if dist.enabled and cfg.out is not None:  # a default --out carries each rank's own clock: use rank 0's
         cfg = dataclasses.replace(cfg, out=broadcast_from_main(cfg.out, dist))
     if device.type == "cuda" and dist.enabled:

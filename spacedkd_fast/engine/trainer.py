@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from spacedkd_fast.engine.distributed import all_reduce_sum, any_rank, barrier
 from spacedkd_fast.engine.outputs import RunOutputs, check_run_folder, clear_run_folder
 from spacedkd_fast.engine.progress import Clock, describe_run, progress_bar
 from spacedkd_fast.engine.records import EpochRecords, Summary
+from spacedkd_fast.engine.stopping import install_stop_signals
 
 STOP_CHECK_EVERY = 8  # DDP: optimizer steps between the ranks' agreements on a stop request (a gloo all-reduce)
 
@@ -186,8 +186,7 @@ class Trainer:
         finally:
             self._progress.close()
             self.feed.close()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            previous.restore()
             for cb in self.callbacks.callbacks:
                 if isinstance(cb, MetricsFiles):
                     cb.close()  # line-buffered already; closed here on an interruption too
@@ -209,14 +208,9 @@ class Trainer:
             return self._stop_reason is not None
         return not self.actions % STOP_CHECK_EVERY and any_rank(self._stop_reason is not None, self.dist)
 
-    def _install_signal_handlers(self) -> dict:
-        previous = {}
-        try:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                previous[sig] = signal.signal(sig, lambda signum, frame: self.request_stop(signal.Signals(signum).name))
-        except ValueError:  # not the main thread: leave signals alone
-            pass
-        return previous
+    def _install_signal_handlers(self):
+        # SIGINT/SIGTERM -> request_stop; under DDP also wakes a rank blocked in a collective (engine/stopping.py).
+        return install_stop_signals(self.request_stop, self.dist, self.run_folder)
 
     # ---- the scheduler -------------------------------------------------------------------------------------------
     def _done(self) -> bool:
