@@ -24,14 +24,14 @@ import sys
 import typing
 from pathlib import Path
 
-from spacedkd_fast.config import RECIPES, TrainConfig, config_fields
+from spacedkd_fast.config import RECIPES, TrainConfig, cli_names, config_fields, setting_name
 from spacedkd_fast.models import MODEL_NAMES
 
 GROUPS = {
     "what to train": ("mode", "space", "start_epoch", "replay_tail", "model", "teacher_model", "student_model",
                       "teacher_weights"),
-    "data": ("dataset", "data_dir", "image_size", "val_fraction", "split_seed", "stream", "subset", "epochs",
-             "batch_size", "eval_batch_size"),
+    "data": ("dataset", "data_dir", "image_size", "val_fraction", "split_seed", "stream", "strict_data", "subset",
+             "epochs", "batch_size", "eval_batch_size"),
     "optimization (each network has its own optimizer)": (
         "optimizer", "lr", "momentum", "weight_decay", "lr_schedule", "warmup_epochs", "min_lr", "lr_milestones",
         "lr_gamma"),
@@ -107,7 +107,8 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
     if args.get("resume"):
         saved = Path(args["resume"]) / "config.json"
         if not saved.exists():
-            raise FileNotFoundError(f"--resume {args['resume']}: no config.json there (is it a run folder?)")
+            raise FileNotFoundError(f"{setting_name('resume')} {args['resume']}: no config.json there (is it a run "
+                                    f"folder?)")
         base = json.loads(saved.read_text())
     base.update(args)
     if not base.get("resume") and base.get("out") is None:  # never lose a run: it gets a folder of its own
@@ -124,8 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     from spacedkd_fast.engine import Trainer, TrainingInterrupted
 
     try:
-        cfg = config_from_args(argv)
-        trainer = Trainer(cfg)
+        with cli_names():  # every error of parsing and building names the flags (--lr), not the keywords (lr=)
+            cfg = config_from_args(argv)
+            trainer = Trainer(cfg)
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
