@@ -116,3 +116,17 @@ def test_check_setting_reuses_a_rule_under_another_name():
         check_setting("seed", -1, shown="--seeds")
     with pytest.raises(ValueError, match="the rule of 'min_lr' reads lr; build a TrainConfig"):
         check_setting("min_lr", 0.1)
+
+
+def test_hessian_counts_are_refused_before_loading_anything(capsys):
+    from spacedkd_fast import hessian
+
+    with pytest.raises(ValueError, match=r"^samples= must be >= 1, got 0$"):
+        hessian.hessian_trace_of_checkpoint("/nonexistent/last.pt", samples=0)
+    with pytest.raises(TypeError, match=r"^probes= must be an integer >= 1, got 2\.0 \(float\)$"):
+        hessian.hessian_trace_of_checkpoint("/nonexistent/last.pt", probes=2.0)
+    argv = ["--checkpoint", "/nonexistent/last.pt", "--model", "student", "--samples", "8", "--probes", "0"]
+    assert hessian.main(argv) == 2
+    assert capsys.readouterr().err == "error: --probes must be >= 1, got 0\n"
+    with pytest.raises(FileNotFoundError, match=r"^checkpoint= /nonexistent/last.pt: no such file$"):
+        hessian.hessian_trace_of_checkpoint("/nonexistent/last.pt", samples=8, probes=1)
