@@ -122,6 +122,7 @@ def default_out(mode: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from spacedkd_fast.data.files import BrokenFilesError
     from spacedkd_fast.engine import Trainer, TrainingInterrupted
 
     try:
@@ -138,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as exc:
         print(f"\ninterrupted: {exc}", file=sys.stderr)
         return 130
+    except BrokenFilesError as exc:  # --strict-data, or a batch of broken files: last.pt holds the steps taken
+        print(f"\nerror: {exc}", file=sys.stderr)
+        return 1
     finally:
         shutdown(trainer.dist)
     if trainer.dist.is_main:

@@ -34,7 +34,8 @@ import torch
 from torch import nn
 
 from spacedkd_fast.config import TrainConfig
-from spacedkd_fast.data.pipeline import derive_seed, select_data_backend
+from spacedkd_fast.data.files import broken_files_error
+from spacedkd_fast.data.pipeline import FileBatchSource, derive_seed, select_data_backend
 from spacedkd_fast.engine import roles as R
 from spacedkd_fast.engine.build import (
     GivenParts,
@@ -95,6 +96,7 @@ class Summary:
     out: str | None
     data_wait_s: float = 0.0  # host time the loop spent waiting for batches (fresh or replayed), this session
     session_s: float = 0.0  # wall time of this session (wall_s includes the time before a resume)
+    skipped_samples: int = 0  # streamed folders: training samples of broken files dropped from fresh batches, session
 
     def table(self) -> str:
         rows = [("epochs", str(self.epochs))]
@@ -108,6 +110,8 @@ class Summary:
         if self.session_s > 0:
             rows.append(("waiting for data", f"{self.data_wait_s:.1f} s ({100 * self.data_wait_s / self.session_s:.1f} "
                                               f"% of the run)"))
+        if self.skipped_samples:
+            rows.append(("skipped samples (broken files)", f"{self.skipped_samples:,}"))
         if self.out:
             rows.append(("outputs", self.out))
         return summary_table(rows)
@@ -174,6 +178,8 @@ class Trainer:
         self.feed = build_feed(cfg, given, self.device, self.dist.rank, self.dist.world, self.data_backend)
         if self.feed.kind == "user":
             self.data_backend = "user DataLoader"
+        if isinstance(getattr(self.feed, "source", None), FileBatchSource):
+            self.feed.source.strict_data = cfg.strict_data  # a broken file stops the run instead of being skipped
         self.iters_per_epoch = self.feed.iters_per_epoch
 
         # ---- schedule and replay window ------------------------------------------------------------------------
@@ -317,7 +323,17 @@ class Trainer:
         try:
             while not self._done():
                 action = self._choose()
-                role, iteration = self._fresh_step() if action == "teacher" else self._replay_step()
+                try:
+                    role, iteration = self._fresh_step() if action == "teacher" else self._replay_step()
+                except Exception as exc:  # broken files that stop the run (--strict-data): keep the steps taken
+                    broken = broken_files_error(exc)  # (a prefetch thread's error arrives wrapped)
+                    if broken is None:
+                        raise
+                    if not self.online_outputs and not self.dist.enabled:
+                        self._checkpoint()  # the failed render changed nothing: last.pt holds every whole step
+                    if broken is not exc:
+                        raise broken from exc
+                    raise
                 self._last_action = action
                 self.actions += 1
                 self._progress.update(1)
@@ -349,7 +365,8 @@ class Trainer:
                           student_acc=last.get("student_acc"), exit_acc=last.get("exit_acc"),
                           images_per_s=self.images_seen / max(wall, 1e-9), wall_s=wall,
                           out=str(self.outputs.folder) if self.outputs.folder is not None else None,
-                          data_wait_s=self.data_wait_s, session_s=session)
+                          data_wait_s=self.data_wait_s, session_s=session,
+                          skipped_samples=getattr(getattr(self.feed, "source", None), "skipped_samples", 0))
         if self.dist.is_main:
             self.callbacks.on_fit_end(self, summary)
         return summary
