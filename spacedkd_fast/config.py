@@ -11,9 +11,12 @@ import contextvars
 import dataclasses
 import json
 import math
-from collections.abc import Iterator
+import numbers
+import os
+import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 MODES = ("online", "self", "base", "offline")
 OPTIMIZERS = ("sgd", "adamw")
@@ -22,16 +25,21 @@ PRECISIONS = ("fp32", "bf16")
 KD_OBJECTIVES = ("kl", "paper")
 FEATURE_LOSSES = ("none", "l2")
 TEACHER_BN = ("train", "eval")
+DATA_BACKENDS = ("auto", "torch", "dali")
+WINDOW_STORAGES = ("device", "host")
+RECIPE_NAMES = ("paper", "paper-vit")  # the keys of RECIPES (below)
 
 
 # ---- how errors name a setting: the flag from the command line, the keyword from Python ---------------------------
 _CLI_NAMES = contextvars.ContextVar("spacedkd_fast_cli_names", default=False)
 
 
-def setting_name(name: str) -> str:
+def setting_name(name: str, flag: str | None = None) -> str:
     """A setting as an error message names it: ``--batch-size`` inside :func:`cli_names` (the command line),
-    ``batch_size=`` otherwise (Python: ``TrainConfig(...)`` / ``Trainer(...)`` keywords)."""
-    return "--" + name.replace("_", "-") if _CLI_NAMES.get() else f"{name}="
+    ``batch_size=`` otherwise (Python: ``TrainConfig(...)`` / ``Trainer(...)`` keywords).
+
+    ``flag``: the command-line name when it is not ``name`` with dashes (``hessian``'s ``role=`` is ``--model``)."""
+    return "--" + (flag or name).replace("_", "-") if _CLI_NAMES.get() else f"{name}="
 
 
 @contextlib.contextmanager
@@ -91,6 +99,9 @@ class TrainConfig:
     stream: bool | None = _f(None, "stream tiny-imagenet / imagefolder from disk, decoding each batch when it is "
                                    "needed (default: with the DALI backend; otherwise the folder is decoded into "
                                    "memory)")
+    strict_data: bool = _f(False, "a streamed folder's unreadable or undecodable image stops the run (one line naming "
+                                  "the file, last.pt written at the last whole step) instead of being skipped with "
+                                  "a warning")
     subset: int | None = _f(None, "train on the first N images of a fixed shuffle of the training set (and N//4 "
                                   "test images): quick experiments and smoke tests", metavar="N")
     epochs: int = _f(8, "training epochs", metavar="N")
@@ -137,7 +148,7 @@ class TrainConfig:
                                     "the previous one on another (default: on with CUDA, off on CPU)")
     data_backend: str = _f("auto", "batch augmentation: torch (on the training device), dali (the same graph in "
                                    "NVIDIA DALI, GPU or CPU), auto (DALI on a GPU when installed, else torch)",
-                           choices=("auto", "torch", "dali"))
+                           choices=DATA_BACKENDS)
     prefetch: int | None = _f(None, "teacher batches rendered ahead on a background thread/stream (default: 2 on "
                                     "CUDA, 0 on CPU)", metavar="N")
     window_budget: float | None = _f(None, "GB of device memory for the replay window; beyond it batches spill to "
@@ -148,7 +159,7 @@ class TrainConfig:
                                          "0 on CPU)", metavar="GB")
     window_storage: str = _f("device", "device: the tiered window above; host: the official code's style "
                                        "(blocking copies to and from unpinned host memory; a benchmark baseline)",
-                             choices=("device", "host"))
+                             choices=WINDOW_STORAGES)
     seed: int = _f(0, "seed of initialization and of the data order/augmentation", metavar="N")
     threads: int | None = _f(None, "CPU threads for torch (default: torch's choice)", metavar="N")
     # Long enough for the longest legitimate wait between two collectives: rank 0 writing last.pt / best.pt /
@@ -172,55 +183,14 @@ class TrainConfig:
     progress: bool = _f(True, "show a progress bar")
     recipe: str | None = _f(None, "apply a named recipe before the explicit flags (paper: the official online-CNN "
                                   "hyperparameters and loss quirks; paper-vit: the official DeiT-Ti setup)",
-                            choices=("paper", "paper-vit"))
+                            choices=RECIPE_NAMES)
 
     # -------------------------------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
-        def bad(name: str, expected: str) -> None:
-            raise ValueError(f"--{name.replace('_', '-')} must be {expected}, got {getattr(self, name)!r}")
-
-        if self.space < 0 or not math.isfinite(self.space):
-            bad("space", "a finite number of epochs >= 0")
-        if self.subset is not None and self.subset < 2:
-            bad("subset", ">= 2 images")
-        for name in ("window_budget", "host_budget"):
-            if getattr(self, name) is not None and not getattr(self, name) >= 0:
-                bad(name, ">= 0 (GB)")
-        if self.prefetch is not None and self.prefetch < 0:
-            bad("prefetch", ">= 0")
-        if self.log_every < 0:
-            bad("log_every", ">= 0 steps (0: no step records)")
-        if self.val_fraction is not None and not 0 < self.val_fraction < 1:
-            bad("val_fraction", "in (0, 1)")
-        for name in ("epochs", "batch_size", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                bad(name, ">= 1")
-        if not 0 <= self.start_epoch <= self.epochs:
-            bad("start_epoch", f"in [0, epochs={self.epochs}]")
-        if not self.lr > 0:
-            bad("lr", "> 0")
-        if not 0 <= self.min_lr <= self.lr:
-            bad("min_lr", f"in [0, lr={self.lr}]")
-        if not 0 <= self.alpha <= 1:
-            bad("alpha", "in [0, 1]")
-        if not self.temperature > 0:
-            bad("temperature", "> 0")
-        if self.beta < 0:
-            bad("beta", ">= 0")
-        if not 0 <= self.label_smoothing < 1:
-            bad("label_smoothing", "in [0, 1)")
-        if self.warmup_epochs < 0:
-            bad("warmup_epochs", ">= 0")
-        for name, choices in (("mode", MODES), ("optimizer", OPTIMIZERS), ("lr_schedule", LR_SCHEDULES),
-                              ("precision", PRECISIONS), ("kd_objective", KD_OBJECTIVES),
-                              ("teacher_bn", TEACHER_BN)):
-            if getattr(self, name) not in choices:
-                bad(name, f"one of {', '.join(choices)}")
-        if not (math.isfinite(self.dist_timeout) and self.dist_timeout > 0):
-            raise ValueError(f"{setting_name('dist_timeout')} must be a finite number of seconds > 0, got "
-                             f"{self.dist_timeout!r}")
-        if self.lr_schedule == "step" and not self.lr_milestones:
-            bad("lr_milestones", "given (at least one epoch) with --lr-schedule step")
+        # Every setting, checked before any work (the command line and Trainer(...) both build one of these); the
+        # rules are in _RULES below, one per field. Accepted values are normalized (1 -> 1.0 for a float field,
+        # a list of milestones -> a tuple, a Path -> str) so that config.json and resume comparisons see one form.
+        _validate(self)
 
     @property
     def teacher_arch(self) -> str:
@@ -248,6 +218,221 @@ class TrainConfig:
         return cls(**data)
 
 
+
+# ---- validation: one rule per setting -----------------------------------------------------------------------------
+class SettingError(ValueError):
+    """A setting out of its range or not among its choices; the message names it (:func:`setting_name`), says what
+    was expected and what was given."""
+
+
+class SettingTypeError(SettingError, TypeError):
+    """A setting of the wrong type (a string where a number belongs, 1 where a bool belongs). Both a ``TypeError``
+    and, like every bad setting, a ``ValueError`` (the command line reports those in one line, exit status 2)."""
+
+
+class _Rule(NamedTuple):
+    """What a valid value is (``expected``, for the message; a callable of the config where it quotes other
+    settings or a registry), the range test ``ok(value, cfg)``, which only ever sees a value of the field's type,
+    and the other settings that test reads (``depends``)."""
+
+    expected: str | Callable[[Any], str]
+    ok: Callable[[Any, Any], bool] = lambda value, cfg: True
+    depends: tuple[str, ...] = ()
+
+
+def _choice_rule(choices: tuple[str, ...]) -> _Rule:
+    return _Rule(f"one of {', '.join(choices)}", lambda v, cfg: v in choices)
+
+
+def _model_names() -> tuple[str, ...]:
+    from spacedkd_fast.models import MODEL_NAMES  # deferred: the model registry imports torch.nn
+
+    return MODEL_NAMES
+
+
+def _is_model_name(value: str) -> bool:
+    # timm:NAME / torchvision:NAME are checked when the model is built (that needs the package); custom:<Class> is
+    # what config.json records for a model given from Python.
+    return value in _model_names() or value.startswith(("timm:", "torchvision:", CUSTOM))
+
+
+def _dataset_names() -> tuple[str, ...]:
+    from spacedkd_fast.data.datasets import DATASET_NAMES  # deferred: the dataset loaders import torch
+
+    return DATASET_NAMES
+
+
+def _is_dataset_name(value: str) -> bool:
+    from spacedkd_fast.data.datasets import canonical_dataset_name
+
+    return canonical_dataset_name(value) in _dataset_names() or value.startswith(CUSTOM)
+
+
+def _milestones_ok(value: tuple[int, ...], cfg) -> bool:
+    if cfg.lr_schedule != "step":
+        return not value  # other schedules would ignore them silently
+    return bool(value) and all(0 < m <= cfg.epochs for m in value) and all(a < b for a, b in zip(value, value[1:]))
+
+
+def _milestones_expected(cfg) -> str:
+    step = "--lr-schedule step" if setting_name("lr_schedule").startswith("--") else "lr_schedule='step'"
+    if cfg.lr_schedule != "step":
+        return f"empty without {step} (the {cfg.lr_schedule} schedule has no milestones)"
+    return f"at least one epoch with {step}, each in (0, epochs={cfg.epochs}], strictly increasing"
+
+
+CUSTOM = "custom:"  # config.json's name of a part given from Python (engine.build records it)
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+# In checking order: a rule that reads another setting comes after that setting's own rule (epochs, lr), so its
+# message never quotes an invalid bound. Range tests assume the type check passed (floats are finite then).
+_RULES: dict[str, _Rule] = {
+    "epochs": _Rule("an integer >= 1", lambda v, cfg: v >= 1),
+    "lr": _Rule("a finite number > 0", lambda v, cfg: v > 0),
+    "mode": _choice_rule(MODES),
+    "space": _Rule("a finite number of epochs >= 0", lambda v, cfg: v >= 0),
+    "start_epoch": _Rule(lambda cfg: f"an integer epoch in [0, epochs={cfg.epochs}]",
+                         lambda v, cfg: 0 <= v <= cfg.epochs, ("epochs",)),
+    "replay_tail": _Rule("True or False"),
+    "model": _Rule(lambda cfg: f"a model name (one of: {', '.join(_model_names())}; or timm:NAME / "
+                               f"torchvision:NAME)", lambda v, cfg: _is_model_name(v)),
+    "teacher_model": _Rule(lambda cfg: f"a model name as for {setting_name('model')}, or None (the same)",
+                           lambda v, cfg: _is_model_name(v)),
+    "student_model": _Rule(lambda cfg: f"a model name as for {setting_name('model')}, or None (the same)",
+                           lambda v, cfg: _is_model_name(v)),
+    "teacher_weights": _Rule("a non-empty path (a state_dict file, or a run folder / checkpoint of this "
+                             "package), or None", lambda v, cfg: v != ""),
+    "dataset": _Rule(lambda cfg: f"a dataset name (one of {', '.join(_dataset_names())})",
+                     lambda v, cfg: _is_dataset_name(v)),
+    "data_dir": _Rule("a non-empty folder path, or None", lambda v, cfg: v != ""),
+    "image_size": _Rule("an integer >= 1 (px), or None", lambda v, cfg: v >= 1),
+    "val_fraction": _Rule("a finite number in (0, 1), or None", lambda v, cfg: 0 < v < 1),
+    "split_seed": _Rule("an integer >= 0", lambda v, cfg: v >= 0),
+    "stream": _Rule("True, False or None (the backend's default)"),
+    "strict_data": _Rule("True or False"),
+    "subset": _Rule("an integer >= 2 images, or None", lambda v, cfg: v >= 2),
+    "batch_size": _Rule("an integer >= 1", lambda v, cfg: v >= 1),
+    "eval_batch_size": _Rule("an integer >= 1", lambda v, cfg: v >= 1),
+    "optimizer": _choice_rule(OPTIMIZERS),
+    "momentum": _Rule("a finite number in [0, 1)", lambda v, cfg: 0 <= v < 1),
+    "weight_decay": _Rule("a finite number >= 0", lambda v, cfg: v >= 0),
+    "lr_schedule": _choice_rule(LR_SCHEDULES),
+    "warmup_epochs": _Rule(lambda cfg: f"a finite number of epochs in [0, epochs={cfg.epochs}]",
+                           lambda v, cfg: 0 <= v <= cfg.epochs, ("epochs",)),
+    "min_lr": _Rule(lambda cfg: f"a finite number in [0, lr={cfg.lr}]", lambda v, cfg: 0 <= v <= cfg.lr, ("lr",)),
+    "lr_milestones": _Rule(_milestones_expected, _milestones_ok, ("lr_schedule", "epochs")),
+    "lr_gamma": _Rule("a finite number > 0", lambda v, cfg: v > 0),
+    "alpha": _Rule("a finite number in [0, 1]", lambda v, cfg: 0 <= v <= 1),
+    "temperature": _Rule("a finite number > 0", lambda v, cfg: v > 0),
+    "beta": _Rule("a finite number >= 0", lambda v, cfg: v >= 0),
+    "label_smoothing": _Rule("a finite number in [0, 1)", lambda v, cfg: 0 <= v < 1),
+    "kd_objective": _choice_rule(KD_OBJECTIVES),
+    "teacher_bn": _choice_rule(TEACHER_BN),
+    "self_kd_weight": _Rule("a finite number in [0, 1]", lambda v, cfg: 0 <= v <= 1),
+    "device": _Rule("auto, cpu, cuda or cuda:N", lambda v, cfg: DEVICE_PATTERN.fullmatch(v) is not None),
+    "precision": _choice_rule(PRECISIONS),
+    "channels_last": _Rule("True or False"),
+    "compile": _Rule("True or False"),
+    "tf32": _Rule("True or False"),
+    "deterministic": _Rule("True or False"),
+    "overlap": _Rule("True, False or None (on with CUDA)"),
+    "data_backend": _choice_rule(DATA_BACKENDS),
+    "prefetch": _Rule("an integer >= 0, or None", lambda v, cfg: v >= 0),
+    "window_budget": _Rule("a finite number >= 0 (GB), or None", lambda v, cfg: v >= 0),
+    "host_budget": _Rule("a finite number >= 0 (GB), or None", lambda v, cfg: v >= 0),
+    "window_storage": _choice_rule(WINDOW_STORAGES),
+    "seed": _Rule("an integer >= 0", lambda v, cfg: v >= 0),
+    "threads": _Rule("an integer >= 1, or None (torch's choice)", lambda v, cfg: v >= 1),
+    "dist_timeout": _Rule("a finite number of seconds > 0", lambda v, cfg: v > 0),
+    "out": _Rule("a non-empty folder path, or None", lambda v, cfg: v != ""),
+    "resume": _Rule("a non-empty run folder path, or None", lambda v, cfg: v != ""),
+    "overwrite": _Rule("True or False"),
+    "trace_batches": _Rule("True or False"),
+    "log_every": _Rule("an integer >= 0 steps (0: no step records)", lambda v, cfg: v >= 0),
+    "tensorboard": _Rule("True or False"),
+    "progress": _Rule("True or False"),
+    "recipe": _Rule(f"one of {', '.join(RECIPE_NAMES)}, or None", lambda v, cfg: v in RECIPE_NAMES),
+}
+_PATHS = {"teacher_weights", "data_dir", "out", "resume"}  # these take an os.PathLike too (stored as str)
+
+
+def _kind(name: str) -> tuple[str, bool]:
+    """A field's base type (``"float"``, ``"int"``, ``"bool"``, ``"str"``, ``"tuple[int, ...]"``) and whether it
+    may be None, from its annotation (a string: this module uses ``from __future__ import annotations``)."""
+    annotation = TrainConfig.__dataclass_fields__[name].type
+    return annotation.replace(" | None", ""), annotation.endswith("| None")
+
+
+def _coerce(kind: str, value: Any, path: bool) -> tuple[bool, Any]:
+    """``(type is right, normalized value)``: ints and floats of any numeric type (numpy's too) but never bools,
+    bools only as bools, paths as str."""
+    if kind == "float":
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        return ok, float(value) if ok else value
+    if kind == "int":
+        ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+        return ok, int(value) if ok else value
+    if kind == "bool":
+        return isinstance(value, bool), value
+    if kind == "str":
+        if path and isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        return isinstance(value, str), value
+    if kind == "tuple[int, ...]":
+        ok = isinstance(value, (tuple, list)) and all(
+            isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value)
+        return ok, tuple(int(v) for v in value) if ok else value
+    raise AssertionError(f"TrainConfig field of unsupported type {kind!r}")  # a new field needs a _coerce branch
+
+
+def _check(name: str, value: Any, cfg: Any, shown: str | None = None) -> Any:
+    """``value`` for setting ``name``, normalized; raises naming it (``shown``, default :func:`setting_name`)."""
+    rule = _RULES[name]
+    kind, optional = _kind(name)
+    if value is None and optional:
+        return None
+    given = value  # the message quotes what the caller wrote (5, not the normalized 5.0)
+    type_ok, value = _coerce(kind, value, name in _PATHS)
+
+    def fail(error: type[SettingError]) -> None:
+        expected = rule.expected(cfg) if callable(rule.expected) else rule.expected
+        got = repr(given) if type_ok else f"{given!r} ({type(given).__name__})"
+        raise error(f"{shown or setting_name(name)} must be {expected}, got {got}")
+
+    if not type_ok:
+        fail(SettingTypeError)
+    if kind == "float" and not math.isfinite(value):
+        fail(SettingError)
+    if not rule.ok(value, cfg):
+        fail(SettingError)
+    return value
+
+
+def _validate(cfg: TrainConfig) -> None:
+    """Check every field of ``cfg`` by its rule, in :data:`_RULES` order, storing the normalized values (a later
+    rule reads them: ``min_lr`` against ``lr = 1`` → 1.0)."""
+    for name in _RULES:
+        value = getattr(cfg, name)
+        checked = _check(name, value, cfg)
+        if checked is not value:
+            object.__setattr__(cfg, name, checked)
+
+
+def check_setting(name: str, value: Any, *, shown: str | None = None) -> Any:
+    """Check one value against setting ``name``'s rule outside a config, e.g. ``python -m spacedkd_fast.repro``'s
+    ``--seeds`` (each a ``seed``) or ``--spaces`` (each a ``space``), so those commands reuse the rule instead of
+    restating it; ``shown`` is how the message names it (default :func:`setting_name`). Only rules that do not
+    depend on other settings can be used so.
+
+    Returns:
+        The normalized value. Raises :class:`SettingError` / :class:`SettingTypeError`.
+    """
+    if _RULES[name].depends:
+        raise ValueError(f"check_setting: the rule of {name!r} reads {', '.join(_RULES[name].depends)}; build a "
+                         f"TrainConfig instead")
+    return _check(name, value, None, shown)
+
+
 # Recipes: named overrides applied before explicit flags.
 RECIPES: dict[str, dict[str, Any]] = {
     # The official online-CNN code (online_KD/train_space.py, README): SGD momentum 0.9, weight decay 5e-4,
@@ -271,10 +456,13 @@ RECIPES: dict[str, dict[str, Any]] = {
                       kd_objective="paper", teacher_bn="train"),
 }
 
+assert tuple(RECIPES) == RECIPE_NAMES
+
 # Fields whose value differs between two configs without making a resume incompatible.
+# strict_data renders no batch differently: it only stops where the default would skip a broken file.
 RESUME_MUTABLE = {"resume", "out", "progress", "device", "threads", "trace_batches", "overlap", "eval_batch_size",
                   "compile", "recipe", "prefetch", "window_budget", "host_budget", "window_storage", "tf32",
-                  "deterministic", "overwrite", "log_every", "tensorboard", "dist_timeout"}
+                  "deterministic", "overwrite", "log_every", "tensorboard", "dist_timeout", "strict_data"}
 
 
 def config_fields() -> tuple[dataclasses.Field, ...]:

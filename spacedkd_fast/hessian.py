@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from spacedkd_fast.config import cli_names, setting_name
+
 __all__ = ["TraceEstimate", "hessian_trace", "hessian_trace_of_checkpoint", "main"]
 
 ROLES = ("student", "teacher")
@@ -319,9 +321,10 @@ def _load_checkpoint(argument: str) -> tuple[Path, dict]:
     path = Path(argument)
     if path.is_dir():
         path = path / CHECKPOINT
+    named = f"{setting_name('checkpoint')} {argument}"
     if not path.is_file():
-        raise FileNotFoundError(f"--checkpoint {argument}: no such file")
-    not_ours = f"--checkpoint {argument}: not a spacedkd_fast checkpoint"
+        raise FileNotFoundError(f"{named}: no such file")
+    not_ours = f"{named}: not a spacedkd_fast checkpoint"
     try:
         # weights_only: the engine's checkpoints hold only tensors and plain containers, and a file named by the user
         # must not be able to run code.
@@ -334,7 +337,7 @@ def _load_checkpoint(argument: str) -> tuple[Path, dict]:
             or not all(isinstance(r, dict) and "model" in r for r in state["roles"].values()):
         raise ValueError(f"{not_ours} (no format/config/roles entries; expected a training run's last.pt)")
     if state["format"] not in READABLE_FORMATS:
-        raise ValueError(f"--checkpoint {argument}: checkpoint format {state['format']!r}, this version reads "
+        raise ValueError(f"{named}: checkpoint format {state['format']!r}, this version reads "
                          f"{', '.join(map(str, READABLE_FORMATS))}")
     return path, state
 
@@ -350,18 +353,19 @@ def _load_target(argument: str, role: str, samples: int, batch_size: int, device
     from spacedkd_fast.models import build_model, is_multi_exit
 
     path, state = _load_checkpoint(argument)
+    named = f"{setting_name('checkpoint')} {argument}"
     try:
         cfg = TrainConfig.from_dict(state["config"])
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"--checkpoint {argument}: its config does not load ({exc})") from exc
+        raise ValueError(f"{named}: its config does not load ({exc})") from exc
     roles = state["roles"]
     if role not in roles:
-        raise ValueError(f"--model {role}: this checkpoint (mode {cfg.mode!r}) has no {role}; available: "
-                         f"{', '.join(sorted(roles))}")
+        raise ValueError(f"{setting_name('role', flag='model')} {role}: this checkpoint (mode {cfg.mode!r}) has no "
+                         f"{role}; available: {', '.join(sorted(roles))}")
     arch = cfg.teacher_arch if role == "teacher" else cfg.student_arch
     custom = [what for what, name in (("model", arch), ("dataset", cfg.dataset)) if name.startswith("custom:")]
     if custom:
-        raise ValueError(f"--checkpoint {argument}: the run's {' and '.join(custom)} came from Python "
+        raise ValueError(f"{named}: the run's {' and '.join(custom)} came from Python "
                          f"({arch if 'model' in custom else cfg.dataset}), which this command cannot rebuild; load "
                          f"last.pt['roles'][{role!r}]['model'] into spacedkd_fast.engine.roles.FeatureForward(your "
                          f"module) and call spacedkd_fast.hessian.hessian_trace(model, batches)")
@@ -371,8 +375,8 @@ def _load_target(argument: str, role: str, samples: int, batch_size: int, device
         dataset = subset_dataset(dataset, cfg.subset)  # the images the run trained on
     available = len(dataset.train_labels)
     if samples > available:
-        raise ValueError(f"--samples {samples} is larger than the run's training set ({dataset.name}: "
-                         f"{available} images)")
+        raise ValueError(f"{setting_name('samples')} {samples} is larger than the run's training set "
+                         f"({dataset.name}: {available} images)")
     # The first `samples` images of the fixed, seed-independent shuffle that --subset uses.
     dataset = subset_dataset(dataset, samples)
 
@@ -382,7 +386,7 @@ def _load_target(argument: str, role: str, samples: int, batch_size: int, device
     try:
         model.load_state_dict(roles[role]["model"])
     except (KeyError, RuntimeError, TypeError) as exc:
-        raise ValueError(f"--checkpoint {argument}: the {role} weights do not fit a {arch} for {dataset.name} "
+        raise ValueError(f"{named}: the {role} weights do not fit a {arch} for {dataset.name} "
                          f"({str(exc).strip().splitlines()[0]})") from exc
     model = model.to(device)
 
@@ -404,6 +408,7 @@ def hessian_trace_of_checkpoint(checkpoint: str | Path, *, role: str = "student"
     """``python -m spacedkd_fast.hessian`` from Python: the trace estimate of a run's ``role`` network."""
     from spacedkd_fast.engine.runtime import resolve_device
 
+    check_counts(samples=samples, probes=probes, batch_size=batch_size)
     target = _load_target(str(checkpoint), role, samples, batch_size, resolve_device(device))
     return hessian_trace(target.model, target.batches, probes=probes, seed=seed, progress=progress)
 
@@ -428,20 +433,30 @@ def format_result(estimate: TraceEstimate, role: str, run: str) -> str:
     return f"tr(H) = {spread}, {probes}, {estimate.samples} samples, {role} of {run})"
 
 
+def check_counts(**counts) -> None:
+    """Refuse a count < 1 (``samples``, ``probes``, ``batch_size``) before any loading: zero samples or probes
+    would otherwise load the run and fail deep in :func:`hessian_trace`. Named as the caller wrote it
+    (``--samples`` on the command line, ``samples=`` from Python)."""
+    for name, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, Integral):
+            raise TypeError(f"{setting_name(name)} must be an integer >= 1, got {value!r} ({type(value).__name__})")
+        if value < 1:
+            raise ValueError(f"{setting_name(name)} must be >= 1, got {value!r}")
+
+
 def main(argv: list[str] | None = None) -> int:
     from spacedkd_fast.engine.runtime import resolve_device
 
     args = build_parser().parse_args(argv)
     try:
-        for name in ("samples", "probes", "batch_size"):
-            if getattr(args, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-        if args.json is not None and not Path(args.json).resolve().parent.is_dir():
-            raise FileNotFoundError(f"--json {args.json}: the folder {Path(args.json).parent} does not exist")
-        device = resolve_device(args.device)
-        if device.type == "cpu":
-            torch.set_flush_denormal(True)  # as the trainer: denormal activations are ~10x slower on x86
-        target = _load_target(args.checkpoint, args.model, args.samples, args.batch_size, device)
+        with cli_names():  # the messages name the flags
+            check_counts(samples=args.samples, probes=args.probes, batch_size=args.batch_size)
+            if args.json is not None and not Path(args.json).resolve().parent.is_dir():
+                raise FileNotFoundError(f"--json {args.json}: the folder {Path(args.json).parent} does not exist")
+            device = resolve_device(args.device)
+            if device.type == "cpu":
+                torch.set_flush_denormal(True)  # as the trainer: denormal activations are ~10x slower on x86
+            target = _load_target(args.checkpoint, args.model, args.samples, args.batch_size, device)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

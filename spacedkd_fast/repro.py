@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from spacedkd_fast.config import TrainConfig
+from spacedkd_fast.config import SettingError, TrainConfig, check_setting, cli_names
 
 
 @dataclass
@@ -170,17 +170,72 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_args(args) -> None:
+    """Refuse what would fail (or silently collide) after hours of training, before the first run: every run's
+    config (TrainConfig's rules, named by this command's flags: ``--seeds`` for each seed), the Hessian's counts
+    against the training set, s values that would give two settings one name, models that do not fit their mode.
+    Raises ValueError / FileNotFoundError with one line."""
+    from spacedkd_fast.models import is_multi_exit
+
+    check_setting("out", args.out)
+    seeds = [check_setting("seed", seed, shown="--seeds") for seed in args.seeds]
+    if len(set(seeds)) != len(seeds):
+        raise SettingError(f"--seeds must be distinct (each seed is one run folder), got {args.seeds}")
+    spaces = [check_setting("space", s, shown="--spaces") for s in args.spaces]
+    if not all(s > 0 for s in spaces) or len({f"{s:g}" for s in spaces}) != len(spaces):
+        raise SettingError(f"--spaces must be distinct numbers of epochs > 0 (s = 0 is the online run every study "
+                           f"has), got {args.spaces}")
+    if not check_setting("space", args.self_space, shown="--self-space") > 0:
+        raise SettingError(f"--self-space must be a number of epochs > 0 (s = 0 is the self run every study has), "
+                           f"got {args.self_space}")
+    check_setting("model", args.self_model, shown="--self-model")
+    check_setting("model", args.model)
+    if not is_multi_exit(args.self_model):
+        raise SettingError(f"--self-model must be a multi-exit (byot_*) model for the self-KD runs, got "
+                           f"{args.self_model!r}")
+    if is_multi_exit(args.model):
+        raise SettingError(f"--model must be a single-exit model for the base and online runs (multi-exit ones go "
+                           f"to --self-model), got {args.model!r}")
+    for flag, value in (("--hessian-samples", args.hessian_samples), ("--hessian-probes", args.hessian_probes)):
+        if value < 1:
+            raise SettingError(f"{flag} must be an integer >= 1, got {value}")
+    from spacedkd_fast.engine.runtime import resolve_device
+
+    resolve_device(args.device)  # a CUDA device this machine lacks fails the Hessian after the first run otherwise
+
+
+def check_hessian_samples(args) -> None:
+    """The Hessian averages over the first --hessian-samples training images of each run: no more than the run's
+    training set (--subset, else the dataset's; loaded once here, as each run will)."""
+    if args.subset is not None:
+        available = args.subset
+    else:
+        from spacedkd_fast.data import load_dataset
+
+        available = len(load_dataset(args.dataset, args.data_dir).train_labels)
+    if args.hessian_samples > available:
+        raise SettingError(f"--hessian-samples must be at most the training set's {available} images "
+                           f"({'--subset' if args.subset is not None else args.dataset}), got {args.hessian_samples}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from spacedkd_fast.engine import Trainer
     from spacedkd_fast.hessian import hessian_trace_of_checkpoint
 
     out = Path(args.out)
-    settings = build_settings(args)
     try:
-        configs = [(st, seed, run_config(args, st, seed, out / "runs" / f"{st.name.replace(' ', '_')}-seed{seed}"))
-                   for st in settings for seed in args.seeds]
-    except ValueError as exc:
+        with cli_names():  # TrainConfig's messages name this command's flags (--lr, --epochs...)
+            check_args(args)
+            settings = build_settings(args)
+            configs = [(st, seed, run_config(args, st, seed, out / "runs" / f"{st.name.replace(' ', '_')}-seed{seed}"))
+                       for st in settings for seed in args.seeds]
+            if args.report_only and not (out / "results.json").is_file():
+                raise FileNotFoundError(f"--report-only: there is no {out / 'results.json'} (--out of a finished "
+                                        f"study)")
+            if not args.dry_run and not args.report_only:
+                check_hessian_samples(args)
+    except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.dry_run:

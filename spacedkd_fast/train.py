@@ -26,14 +26,14 @@ import sys
 import typing
 from pathlib import Path
 
-from spacedkd_fast.config import RECIPES, TrainConfig, cli_names, config_fields
+from spacedkd_fast.config import RECIPES, TrainConfig, cli_names, config_fields, setting_name
 from spacedkd_fast.models import MODEL_NAMES
 
 GROUPS = {
     "what to train": ("mode", "space", "start_epoch", "replay_tail", "model", "teacher_model", "student_model",
                       "teacher_weights"),
-    "data": ("dataset", "data_dir", "image_size", "val_fraction", "split_seed", "stream", "subset", "epochs",
-             "batch_size", "eval_batch_size"),
+    "data": ("dataset", "data_dir", "image_size", "val_fraction", "split_seed", "stream", "strict_data", "subset",
+             "epochs", "batch_size", "eval_batch_size"),
     "optimization (each network has its own optimizer)": (
         "optimizer", "lr", "momentum", "weight_decay", "lr_schedule", "warmup_epochs", "min_lr", "lr_milestones",
         "lr_gamma"),
@@ -111,7 +111,8 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
     if args.get("resume"):
         saved = Path(args["resume"]) / "config.json"
         if not saved.exists():
-            raise FileNotFoundError(f"--resume {args['resume']}: no config.json there (is it a run folder?)")
+            raise FileNotFoundError(f"{setting_name('resume')} {args['resume']}: no config.json there (is it a run "
+                                    f"folder?)")
         base = json.loads(saved.read_text())
     base.update(args)
     if not base.get("resume") and base.get("out") is None:  # never lose a run: it gets a folder of its own
@@ -137,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
+    from spacedkd_fast.data.files import BrokenFilesError
     from spacedkd_fast.engine import Trainer, TrainingInterrupted
     from spacedkd_fast.engine.distributed import EXIT_PEER_LOST, DistInfo, last_words, peer_lost, shutdown
 
@@ -171,6 +173,11 @@ def _main(argv: list[str] | None) -> int:
         line = f"spacedkd_fast: {exc}"
         if folder is not None:
             line += f" (last.pt written{f'; with torchrun --nproc_per_node={info.world}' if info.enabled else ''})"
+    except BrokenFilesError as exc:  # --strict-data, or a batch of broken files: last.pt holds the steps taken
+        shutdown(info, peers_alive=False)
+        print(f"\nerror: {exc}", file=sys.stderr)
+        status.write("failed", 1, str(exc))
+        return 1
     except Exception as exc:
         lost = peer_lost(exc, info)
         shutdown(info, peers_alive=False)  # whatever went wrong, a barrier now would only wait out the timeout

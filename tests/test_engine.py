@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import pytest
@@ -220,14 +221,11 @@ def test_the_default_run_reaches_90_percent():
 # ---- bad input --------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("extra, error, message", [
-    (dict(model="resnet19"), ValueError, "unknown model 'resnet19'; choose one of: .*resnet18"),
-    (dict(dataset="svhn"), ValueError, "svhn.*embedded"),
     (dict(dataset="cifar10", data_dir="/nonexistent/folder"), Exception, "cifar-10-batches-py"),
     (dict(batch_size=512), ValueError, "larger than the training set"),
     (dict(mode="self", model="resnet8"), ValueError, "needs a multi-exit model"),
     (dict(model="byot_resnet10"), ValueError, "needs single-exit models"),
     (dict(model="vit_micro_32_distilled"), ValueError, "has a distillation token"),
-    (dict(device="tpu"), ValueError, "--device must be"),
     (dict(subset=10**6), ValueError, "--subset .* larger than the training set"),
 ])
 def test_bad_input_is_rejected_with_a_clear_message(extra, error, message):
@@ -235,16 +233,109 @@ def test_bad_input_is_rejected_with_a_clear_message(extra, error, message):
         Trainer(tiny(**extra), log=lambda *a: None)
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("space", -1.0, "--space must be a finite number of epochs >= 0"),
-    ("alpha", 1.5, r"--alpha must be in \[0, 1\]"),
-    ("epochs", 0, "--epochs must be >= 1"),
-    ("mode", "mutual", "--mode must be one of online, self, base, offline"),
-    ("lr_schedule", "step", "--lr-milestones must be given"),
-])
-def test_bad_config_values(field, value, message):
-    with pytest.raises(ValueError, match=message):
-        tiny(**{field: value})
+INF, NAN = float("inf"), float("nan")
+STEP = dict(lr_schedule="step")
+# (field, bad value, other settings, the whole message as Python reports it). tiny() trains 2 epochs at lr 0.05.
+# Every TrainConfig field has at least one case (tests/test_validation.py checks that); the CLI's twin is
+# tests/test_train_cli.py::CLI_BAD_VALUES.
+BAD_CONFIG_VALUES = [
+    ("mode", "mutual", {}, "mode= must be one of online, self, base, offline, got 'mutual'"),
+    ("space", -1.0, {}, "space= must be a finite number of epochs >= 0, got -1.0"),
+    ("space", INF, {}, "space= must be a finite number of epochs >= 0, got inf"),
+    ("space", "1.5", {}, "space= must be a finite number of epochs >= 0, got '1.5' (str)"),
+    ("start_epoch", 3, {}, "start_epoch= must be an integer epoch in [0, epochs=2], got 3"),
+    ("start_epoch", 0.5, {}, "start_epoch= must be an integer epoch in [0, epochs=2], got 0.5 (float)"),
+    ("replay_tail", "yes", {}, "replay_tail= must be True or False, got 'yes' (str)"),
+    ("model", "resnet19", {}, "model= must be a model name (one of: byot_resnet10, "),
+    ("teacher_model", "resnet19", {}, "teacher_model= must be a model name as for model=, or None (the same), "
+                                      "got 'resnet19'"),
+    ("student_model", 8, {}, "student_model= must be a model name as for model=, or None (the same), got 8 (int)"),
+    ("teacher_weights", "", {}, "teacher_weights= must be a non-empty path"),
+    ("dataset", "svhn", {}, "dataset= must be a dataset name (one of embedded, cifar10, cifar100, tiny-imagenet, "
+                            "imagefolder, synthetic), got 'svhn'"),
+    ("data_dir", 3, {}, "data_dir= must be a non-empty folder path, or None, got 3 (int)"),
+    ("image_size", 0, {}, "image_size= must be an integer >= 1 (px), or None, got 0"),
+    ("val_fraction", 1.0, {}, "val_fraction= must be a finite number in (0, 1), or None, got 1.0"),
+    ("split_seed", -1, {}, "split_seed= must be an integer >= 0, got -1"),
+    ("stream", "no", {}, "stream= must be True, False or None (the backend's default), got 'no' (str)"),
+    ("strict_data", 1, {}, "strict_data= must be True or False, got 1 (int)"),
+    ("subset", 1, {}, "subset= must be an integer >= 2 images, or None, got 1"),
+    ("epochs", 0, {}, "epochs= must be an integer >= 1, got 0"),
+    ("epochs", 2.0, {}, "epochs= must be an integer >= 1, got 2.0 (float)"),
+    ("batch_size", 0, {}, "batch_size= must be an integer >= 1, got 0"),
+    ("eval_batch_size", 0, {}, "eval_batch_size= must be an integer >= 1, got 0"),
+    ("optimizer", "adam", {}, "optimizer= must be one of sgd, adamw, got 'adam'"),
+    ("lr", INF, {}, "lr= must be a finite number > 0, got inf"),
+    ("lr", 0.0, {}, "lr= must be a finite number > 0, got 0.0"),
+    ("lr", "0.1", {}, "lr= must be a finite number > 0, got '0.1' (str)"),
+    ("lr", True, {}, "lr= must be a finite number > 0, got True (bool)"),
+    ("momentum", NAN, {}, "momentum= must be a finite number in [0, 1), got nan"),
+    ("momentum", 1.0, {}, "momentum= must be a finite number in [0, 1), got 1.0"),
+    ("weight_decay", -1e-4, {}, "weight_decay= must be a finite number >= 0, got -0.0001"),
+    ("lr_schedule", "linear", {}, "lr_schedule= must be one of constant, cosine, step, got 'linear'"),
+    ("warmup_epochs", NAN, {}, "warmup_epochs= must be a finite number of epochs in [0, epochs=2], got nan"),
+    ("warmup_epochs", 3, {}, "warmup_epochs= must be a finite number of epochs in [0, epochs=2], got 3"),
+    ("min_lr", 0.1, {}, "min_lr= must be a finite number in [0, lr=0.05], got 0.1"),
+    ("lr_milestones", (-1,), STEP, "lr_milestones= must be at least one epoch with lr_schedule='step', each in "
+                                   "(0, epochs=2], strictly increasing, got (-1,)"),
+    ("lr_milestones", (3,), STEP, "each in (0, epochs=2], strictly increasing, got (3,)"),
+    ("lr_milestones", (2, 1), STEP, "each in (0, epochs=2], strictly increasing, got (2, 1)"),
+    ("lr_milestones", (1, 1), STEP, "each in (0, epochs=2], strictly increasing, got (1, 1)"),
+    ("lr_milestones", (), STEP, "lr_milestones= must be at least one epoch with lr_schedule='step'"),
+    ("lr_milestones", (1,), {}, "lr_milestones= must be empty without lr_schedule='step' (the cosine schedule has "
+                                "no milestones), got (1,)"),
+    ("lr_milestones", (1.5,), STEP, "strictly increasing, got (1.5,) (tuple)"),
+    ("lr_gamma", 0.0, STEP | dict(lr_milestones=(1,)), "lr_gamma= must be a finite number > 0, got 0.0"),
+    ("alpha", 1.5, {}, "alpha= must be a finite number in [0, 1], got 1.5"),
+    ("temperature", INF, {}, "temperature= must be a finite number > 0, got inf"),
+    ("temperature", 0, {}, "temperature= must be a finite number > 0, got 0"),
+    ("beta", NAN, {}, "beta= must be a finite number >= 0, got nan"),
+    ("beta", -0.1, {}, "beta= must be a finite number >= 0, got -0.1"),
+    ("label_smoothing", 1.0, {}, "label_smoothing= must be a finite number in [0, 1), got 1.0"),
+    ("kd_objective", "mse", {}, "kd_objective= must be one of kl, paper, got 'mse'"),
+    ("teacher_bn", "frozen", {}, "teacher_bn= must be one of train, eval, got 'frozen'"),
+    ("self_kd_weight", 5, dict(mode="self", model="byot_resnet10"),
+     "self_kd_weight= must be a finite number in [0, 1], got 5"),
+    ("device", "tpu", {}, "device= must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+    ("precision", "fp16", {}, "precision= must be one of fp32, bf16, got 'fp16'"),
+    ("channels_last", "True", {}, "channels_last= must be True or False, got 'True' (str)"),
+    ("compile", 0, {}, "compile= must be True or False, got 0 (int)"),
+    ("tf32", None, {}, "tf32= must be True or False, got None (NoneType)"),
+    ("deterministic", 1.0, {}, "deterministic= must be True or False, got 1.0 (float)"),
+    ("overlap", 1, {}, "overlap= must be True, False or None (on with CUDA), got 1 (int)"),
+    ("data_backend", "cuda", {}, "data_backend= must be one of auto, torch, dali, got 'cuda'"),
+    ("prefetch", -1, {}, "prefetch= must be an integer >= 0, or None, got -1"),
+    ("window_budget", -1.0, {}, "window_budget= must be a finite number >= 0 (GB), or None, got -1.0"),
+    ("window_budget", INF, {}, "window_budget= must be a finite number >= 0 (GB), or None, got inf"),
+    ("host_budget", NAN, {}, "host_budget= must be a finite number >= 0 (GB), or None, got nan"),
+    ("window_storage", "disk", {}, "window_storage= must be one of device, host, got 'disk'"),
+    ("seed", -1, {}, "seed= must be an integer >= 0, got -1"),
+    ("threads", -1, {}, "threads= must be an integer >= 1, or None (torch's choice), got -1"),
+    ("threads", 0, {}, "threads= must be an integer >= 1, or None (torch's choice), got 0"),
+    ("out", "", {}, "out= must be a non-empty folder path, or None, got ''"),
+    ("resume", "", {}, "resume= must be a non-empty run folder path, or None, got ''"),
+    ("overwrite", "no", {}, "overwrite= must be True or False, got 'no' (str)"),
+    ("trace_batches", 1, {}, "trace_batches= must be True or False, got 1 (int)"),
+    ("log_every", -1, {}, "log_every= must be an integer >= 0 steps (0: no step records), got -1"),
+    ("tensorboard", "yes", {}, "tensorboard= must be True or False, got 'yes' (str)"),
+    ("progress", 1, {}, "progress= must be True or False, got 1 (int)"),
+    ("recipe", "fast", {}, "recipe= must be one of paper, paper-vit, or None, got 'fast'"),
+]
+
+
+@pytest.mark.parametrize("field, value, extra, message", BAD_CONFIG_VALUES,
+                         ids=[f"{c[0]}={c[1]!r}" for c in BAD_CONFIG_VALUES])
+def test_bad_config_values(field, value, extra, message):
+    """From Python the message names the keyword (``lr=``), says what was expected and quotes what was given;
+    a value of the wrong type is also a TypeError."""
+    from spacedkd_fast.config import SettingError, SettingTypeError
+
+    with pytest.raises(SettingError) as info:
+        tiny(**extra, **{field: value})
+    assert str(info.value).startswith(f"{field}= must be ") and message in str(info.value), str(info.value)
+    assert isinstance(info.value, ValueError)  # the command line reports every ValueError in one line, exit 2
+    wrong_type = re.search(r" \((str|int|float|bool|tuple|NoneType)\)$", message) is not None
+    assert isinstance(info.value, SettingTypeError) == isinstance(info.value, TypeError) == wrong_type
 
 
 @pytest.mark.slow

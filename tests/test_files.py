@@ -547,3 +547,34 @@ def test_class_folders_split_errors(tmp_path):
         scan_folder_dataset("imagefolder", tmp_path / "flat", val_fraction=1.5)
     with pytest.raises(ValueError, match="has its own test split"):
         load_dataset("embedded", val_fraction=0.1)
+
+
+@pytest.mark.parametrize("kind", renderer_kinds())
+def test_renderer_names_every_broken_file_of_a_batch(kind, pngs, tmp_path):
+    """One error for the batch, naming each unreadable or undecodable file (path -> one-line reason), so that a
+    caller who skips them renders the batch once more, not once per broken file."""
+    from spacedkd_fast.data.files import BrokenFilesError
+
+    files, _ = pngs
+    garbage = tmp_path / "garbage.png"
+    garbage.write_bytes(b"\x89PNG not really")
+    truncated = tmp_path / "truncated.jpg"
+    Image.fromarray(smooth_image(40, 48)).save(truncated, quality=90)
+    truncated.write_bytes(truncated.read_bytes()[:300])  # PIL: "image file is truncated"
+    missing = str(tmp_path / "missing.png")
+    spec = ResizedCropSpec(size=8)
+    r = make_renderer(kind, spec, max_batch=5)
+    batch = [files[0], str(garbage), files[1], str(truncated), missing]
+    params = sample_crop_params(spec, len(batch), torch.Generator().manual_seed(0))
+    # DALI reads the bytes first: a missing file is named before any decoding.
+    expected = {missing} if kind[0] == "dali" else {str(garbage), str(truncated), missing}
+    for render in (lambda: r.train_batch(batch, params), lambda: r.eval_batch(batch)):
+        with pytest.raises(BrokenFilesError) as info:
+            render()
+        assert set(info.value.files) == expected and all("\n" not in v for v in info.value.files.values())
+        assert "\n" not in str(info.value)
+    readable = [f for f in batch if f != missing]
+    with pytest.raises(BrokenFilesError) as info:
+        r.train_batch(readable, params.take(slice(0, 4)))
+    assert set(info.value.files) == {str(garbage), str(truncated)}
+    assert r.train_batch(files[:2], params.take(slice(0, 2))).shape == (2, 3, 8, 8)  # usable after the errors

@@ -36,12 +36,14 @@ from torch import Tensor
 from spacedkd_fast.data.augment import AugmentParams
 from spacedkd_fast.data.dali_ops import FUSED_AUGMENT_OP
 from spacedkd_fast.data.files import (
+    BrokenFilesError,
     CropParams,
     LazyThreadPool,
     ResizedCropSpec,
     check_crop_params,
     check_files,
     decode_rgb,
+    one_line,
 )
 
 __all__ = ["DaliArrayAugmenter", "DaliFileRenderer", "crop_anchors", "dali_available", "fused_params",
@@ -357,11 +359,13 @@ def crop_window_nodes(d: SimpleNamespace, shape, origin, extent):
     return fn.cast(start, dtype=types.INT32), fn.cast(end, dtype=types.INT32)
 
 
-def _read_bytes(path: str) -> np.ndarray:
+def _read_bytes(path: str) -> np.ndarray | BrokenFilesError:
+    """The file's bytes, or the BrokenFilesError naming it (returned, so that one batch's read names every
+    unreadable file at once)."""
     try:
         return np.fromfile(path, dtype=np.uint8)
-    except OSError as exc:  # keep the type (FileNotFoundError, PermissionError...), name the file
-        raise type(exc)(f"cannot read image file {path!r}: {exc}") from exc
+    except OSError as exc:  # FileNotFoundError, PermissionError, IsADirectoryError...
+        return BrokenFilesError({path: one_line(exc)}, f"cannot read image file {path!r}: {one_line(exc)}")
 
 
 class DaliFileRenderer:
@@ -498,6 +502,10 @@ class DaliFileRenderer:
         if batch == 0:
             return torch.empty((0, 3, self.size, self.size), dtype=torch.uint8, device=self.device)
         encoded = self._pool.map(_read_bytes, files)  # outside the lock: another batch may decode meanwhile
+        unreadable = [e for e in encoded if isinstance(e, BrokenFilesError)]
+        if unreadable:
+            raise unreadable[0] if len(unreadable) == 1 else BrokenFilesError(
+                {path: reason for e in unreadable for path, reason in e.files.items()})
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         with self._lock:
             self._keepalive = encoded  # fed zero-copy: kept until the next call, after DALI is done with it
@@ -629,10 +637,25 @@ def _crop_inputs(params: CropParams) -> dict[str, np.ndarray]:
 
 
 def _raise_decode_error(files: list[str], exc: Exception):
-    """Re-raise a DALI failure, naming the first file PIL cannot decode either (DALI's message names none)."""
-    for path in files:
+    """Re-raise a DALI failure as a BrokenFilesError naming every file of the batch that PIL cannot decode either
+    (DALI's message names none); the DALI error itself when PIL reads them all."""
+    broken = {}
+    for path in dict.fromkeys(files):  # a padded batch repeats its last file
         try:
             decode_rgb(path)
-        except (ValueError, OSError) as err:
-            raise ValueError(f"{err} (DALI: {str(exc).strip().splitlines()[0]})") from exc
+        except BrokenFilesError as err:
+            broken.update(err.files)
+    if broken:
+        raise BrokenFilesError(broken, f"{BrokenFilesError(broken)} (DALI: {_dali_reason(exc)})") from exc
     raise exc
+
+
+def _dali_reason(exc: Exception) -> str:
+    """One line of a DALI pipeline error: the failing operator and what it encountered (the message's first line
+    is only "Critical error in pipeline:")."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    operator = next((line.rstrip(",") for line in lines if line.startswith("Error in ")), None)
+    after = lines[lines.index("encountered:") + 1:] if "encountered:" in lines else []
+    if operator is None or not after:
+        return one_line(exc)
+    return f"{operator}: {after[0]}"

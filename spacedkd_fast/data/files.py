@@ -44,6 +44,12 @@ parameters give the same bytes, which is what regenerating a batch later relies 
 
 Images are decoded to RGB whatever their mode (grayscale, palette, CMYK, RGBA), and EXIF orientation is ignored,
 as PIL and torchvision's ``ImageFolder`` do.
+
+Broken files. A renderer that cannot read or decode some files of a batch raises :class:`BrokenFilesError` naming
+every one of them (path → one-line reason). The streamed source (``FileBatchSource`` in
+:mod:`spacedkd_fast.data.pipeline`) then drops those samples from the batch and renders the rest, each with its own
+parameters, so a broken file changes no other sample's bytes; :class:`BrokenFiles` warns once per file
+(:class:`BrokenImageWarning`) or, with ``strict_data``, stops instead.
 """
 
 from __future__ import annotations
@@ -51,7 +57,8 @@ from __future__ import annotations
 import math
 import os
 import threading
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,8 +75,9 @@ from spacedkd_fast.data.datasets import (
     scan_tiny_imagenet,
 )
 
-__all__ = ["FILE_DATASET_NAMES", "IMAGENET_MEAN", "IMAGENET_STD", "CropParams", "FileDataset", "ResizedCropSpec",
-           "TorchFileRenderer", "crop_boxes", "eval_geometry", "sample_crop_params", "scan_folder_dataset"]
+__all__ = ["FILE_DATASET_NAMES", "IMAGENET_MEAN", "IMAGENET_STD", "BrokenFiles", "BrokenFilesError",
+           "BrokenImageWarning", "CropParams", "FileDataset", "ResizedCropSpec", "TorchFileRenderer",
+           "broken_files_error", "crop_boxes", "eval_geometry", "sample_crop_params", "scan_folder_dataset"]
 
 FILE_DATASET_NAMES: tuple[str, ...] = ("tiny-imagenet", "imagefolder")
 # The usual ImageNet statistics (torchvision's), in [0, 1] pixel units. Streaming never passes over the whole
@@ -367,6 +375,89 @@ def scan_folder_dataset(name: str, data_dir: str | os.PathLike, *, image_size: i
                        crop=ResizedCropSpec(size=image_size), image_size=image_size)
 
 
+# ---- broken files ------------------------------------------------------------------------------------------------
+
+def one_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` (PIL's and DALI's messages can run over several lines)."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+class BrokenFilesError(ValueError):
+    """Image files that cannot be read or decoded.
+
+    Attributes:
+        files: ``{path: reason}``, every broken file of the batch (the reason is one line).
+    """
+
+    def __init__(self, files: Mapping[str, str], message: str | None = None) -> None:
+        self.files = dict(files)
+        if message is None:
+            if len(self.files) == 1:
+                ((path, reason),) = self.files.items()
+                message = f"cannot decode image {path!r}: {reason}"
+            else:
+                message = "cannot decode images " + ", ".join(f"{p!r} ({r})" for p, r in self.files.items())
+        super().__init__(message)
+
+    def __reduce__(self):  # keep files when pickled (the default would pass only the message to __init__)
+        return type(self), (self.files, str(self))
+
+
+class BrokenImageWarning(UserWarning):
+    """A streamed image file was skipped: it cannot be read or decoded."""
+
+
+def broken_files_error(exc: BaseException) -> BrokenFilesError | None:
+    """The :class:`BrokenFilesError` behind ``exc``: itself, or the cause of the error a prefetch thread re-raises
+    in the training loop; None for any other error."""
+    while exc is not None and not isinstance(exc, BrokenFilesError):
+        exc = exc.__cause__
+    return exc
+
+
+class BrokenFiles:
+    """The broken files a streamed source has met: each is warned about once (:class:`BrokenImageWarning`, naming
+    the file), or, ``strict``, stops the run. Thread-safe (the prefetch and training threads both render).
+
+    Args:
+        flag: how messages name the strict setting (``--strict-data`` on the command line), resolved by the caller
+            while it can: a prefetch thread renders outside :func:`spacedkd_fast.config.cli_names`.
+    """
+
+    def __init__(self, flag: str = "strict_data=True") -> None:
+        self.flag = flag
+        self._reasons: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    def __contains__(self, path: str) -> bool:
+        return path in self._reasons
+
+    def __len__(self) -> int:
+        return len(self._reasons)
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        """Every broken file met so far, in the order they were met."""
+        with self._lock:
+            return tuple(self._reasons)
+
+    def note(self, error: BrokenFilesError, *, strict: bool) -> None:
+        """Record the files of ``error``: warn once for each new one, or (``strict``) raise naming them."""
+        if strict:
+            raise BrokenFilesError(error.files, f"{error}; stopped because {self.flag} is set: replace the file "
+                                                f"with a readable image and resume (deleting it would renumber the "
+                                                f"dataset, which a resume cannot follow), or run without {self.flag} "
+                                                f"to skip broken files") from error
+        with self._lock:
+            new = {path: reason for path, reason in error.files.items() if path not in self._reasons}
+            self._reasons.update(new)
+        for path, reason in new.items():
+            warnings.warn(f"skipping unreadable image {path!r} ({reason}): the batches that hold it go on without "
+                          f"it (the summary counts the skipped samples; {self.flag} stops the run instead)",
+                          BrokenImageWarning, stacklevel=3)
+
+
 # ---- the torch renderer ------------------------------------------------------------------------------------------
 
 def check_files(files: Sequence, where: str) -> list[str]:
@@ -385,7 +476,8 @@ def decode_rgb(path: str) -> np.ndarray:
     """Decode an image file to ``uint8 (H, W, 3)`` RGB with PIL (any mode; EXIF orientation ignored).
 
     Raises:
-        ValueError naming the file when it cannot be read or decoded.
+        BrokenFilesError (a ValueError) naming the file when it cannot be read or decoded completely (a truncated
+        file is broken: PIL's LOAD_TRUNCATED_IMAGES is left off, so no sample is silently part grey).
     """
     from PIL import Image  # deferred: only the file-based datasets need Pillow
 
@@ -393,7 +485,14 @@ def decode_rgb(path: str) -> np.ndarray:
         with Image.open(path) as img:
             return np.array(img.convert("RGB"))  # a writable copy: torch.from_numpy warns on read-only arrays
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError...) for broken files
-        raise ValueError(f"cannot decode image {path!r}: {type(exc).__name__}: {exc}") from exc
+        raise BrokenFilesError({path: one_line(exc)}) from exc
+
+
+def _decode_or_error(path: str) -> np.ndarray | BrokenFilesError:
+    try:
+        return decode_rgb(path)
+    except BrokenFilesError as exc:
+        return exc
 
 
 class TorchFileRenderer:
@@ -432,8 +531,14 @@ class TorchFileRenderer:
         self.close()
 
     def _decode_all(self, files: list[str]) -> list[np.ndarray]:
-        # map() re-raises the first failure in file order, naming the file (decode_rgb's message).
-        return self._pool.map(decode_rgb, files)
+        """Every file decoded; else one BrokenFilesError naming all the broken ones (so that a caller who skips
+        them renders the batch again once, not once per broken file)."""
+        images = self._pool.map(_decode_or_error, files)
+        broken = {path: reason for image in images if isinstance(image, BrokenFilesError)
+                  for path, reason in image.files.items()}
+        if broken:
+            raise BrokenFilesError(broken)
+        return images
 
     def _resize(self, hwc: np.ndarray, height: int, width: int) -> Tensor:
         """``uint8 (H, W, 3)`` → ``uint8 (3, height, width)``, linear with antialiasing (torch's uint8 kernel)."""

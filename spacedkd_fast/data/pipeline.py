@@ -29,9 +29,10 @@ import torch
 from torch import Tensor
 
 from spacedkd_fast import backends
+from spacedkd_fast.config import setting_name
 from spacedkd_fast.data.augment import apply_augment, sample_params
 from spacedkd_fast.data.datasets import ImageDataset
-from spacedkd_fast.data.files import FileDataset, sample_crop_params
+from spacedkd_fast.data.files import BrokenFiles, BrokenFilesError, FileDataset, sample_crop_params
 
 DATA_BACKENDS = ("auto", "torch", "dali")
 
@@ -209,10 +210,39 @@ class FileBatchSource(BatchSource):
     regenerate tier, resuming) reads files by name instead (``fn.external_source``), the same graph after the
     read, so the bytes are those of the first render. The reader is handed the sample indices as its labels and
     each batch's indices are checked against the plan.
+
+    Broken files (unreadable, or undecodable by the renderer). By default a broken file's sample is *dropped* from
+    its batch: the batch is rendered without it, the other samples with their own parameters (so their bytes are
+    those they would have with the file intact), and labels follow; the first time a file is met, one
+    :class:`~spacedkd_fast.data.files.BrokenImageWarning` names it. Dropping, not substituting another image, so
+    that no sample is duplicated or shown under another's label, and a short batch is already what every epoch's
+    last batch is. The kept samples are a pure function of the plan and the files' contents, so the teacher's
+    fresh batch, its replay, its regeneration and the same batch after a resume are byte-identical:
+
+    * torch renderer: PIL decodes whole files, so a file is broken or not whatever the batch. A broken file stays
+      skipped for the rest of the session (even if it is repaired meanwhile: a replay must match the batch the
+      teacher saw), and is met again, identically, after a resume.
+    * DALI: its decoders name no file, and a truncated JPEG can fail for one crop window and not another (ROI
+      decoding), so the decision is per batch: a batch DALI fails on is rendered again by name, and the files of it
+      that PIL cannot decode are dropped (remembered per iteration, so its regeneration skips the failing attempt).
+      A failure that PIL does not explain is raised as it is. The epoch's file reader stops at such a batch and is
+      opened again after it.
+
+    A batch left with fewer than 2 readable samples (BatchNorm needs 2) stops the run with a BrokenFilesError
+    naming them; so does every broken file with ``strict_data`` (:attr:`strict_data`). Test images are dropped
+    the same way (the accuracy is over the readable ones). :attr:`skipped_samples` counts the training samples
+    dropped from fresh batches in this session, :attr:`skipped_files` the broken files met.
     """
 
     def _setup_storage(self) -> None:
         self._reader: _EpochReader | None = None  # DALI: the reader over the rest of the current epoch
+        self.strict_data = False  # set by the trainer from --strict-data
+        # Named now: this runs while the run is built (inside cli_names() on the command line), rendering later
+        # runs on a prefetch thread, outside it.
+        flag = setting_name("strict_data")
+        self._broken = BrokenFiles(flag if flag.startswith("--") else flag + "True")
+        self._drops: dict[tuple[str, int], tuple[int, ...]] = {}  # (split, iteration/chunk) -> dropped positions
+        self._fresh_drops: dict[int, int] = {}  # iteration -> training samples dropped from its fresh batch
         if self.backend == "dali":
             from spacedkd_fast.data.dali import DaliFileRenderer
 
@@ -233,13 +263,27 @@ class FileBatchSource(BatchSource):
     def _labels(self, plan: BatchPlan) -> Tensor:
         return self.labels.index_select(0, plan.indices.to(self.device, non_blocking=True))
 
+    @property
+    def skipped_samples(self) -> int:
+        """Training samples dropped from fresh batches (broken files) in this session."""
+        return sum(self._fresh_drops.values())
+
+    @property
+    def skipped_files(self) -> tuple[str, ...]:
+        """The broken files met in this session (training and test), in the order met."""
+        return self._broken.paths
+
     def render(self, plan: BatchPlan) -> tuple[Tensor, Tensor]:
-        if self.backend != "dali":
-            return self.regenerate(plan)
+        if self.backend != "dali" or ("train", plan.iteration) in self._drops:
+            return self._render_by_name(plan, fresh=True)  # (a batch known to hold broken files: DALI would fail)
         reader = self._reader
         if reader is None or reader.next_iteration != plan.iteration or plan.iteration == reader.stop:
             reader = self._open_reader(plan.iteration)
-        images, indices = next(reader.batches)
+        try:
+            images, indices = next(reader.batches)
+        except RuntimeError:  # DALI names no file: read this batch by name, which finds and drops the broken ones
+            self._close_reader()  # (the pipeline is done for; the next batch opens a reader there)
+            return self._render_by_name(plan, fresh=True)
         self._reader = reader._replace(next_iteration=plan.iteration + 1)
         if not torch.equal(indices, plan.indices):  # (host tensors: no sync) cannot happen unless the order broke
             raise RuntimeError(f"DALI's file reader delivered samples {indices[:4].tolist()}... for iteration "
@@ -247,8 +291,51 @@ class FileBatchSource(BatchSource):
         return images, self._labels(plan)
 
     def regenerate(self, plan: BatchPlan) -> tuple[Tensor, Tensor]:
+        return self._render_by_name(plan, fresh=False)
+
+    def _render_by_name(self, plan: BatchPlan, *, fresh: bool) -> tuple[Tensor, Tensor]:
+        """The plan's batch read file by file, without its broken files' samples."""
         files = [self.dataset.train_files[i] for i in plan.indices.tolist()]
-        return self.renderer.train_batch(files, self._crop_params(plan)), self._labels(plan)
+        params = self._crop_params(plan)
+        keep, images = self._without_broken(
+            ("train", plan.iteration), files, min(2, len(files)), f"training batch {plan.iteration}",
+            lambda keep: self.renderer.train_batch([files[k] for k in keep],
+                                                   params.take(torch.tensor(keep, dtype=torch.int64))))
+        if len(keep) == len(files):
+            return images, self._labels(plan)
+        if fresh:
+            self._fresh_drops[plan.iteration] = len(files) - len(keep)
+        indices = plan.indices[torch.tensor(keep, dtype=torch.int64)]
+        return images, self.labels.index_select(0, indices.to(self.device, non_blocking=True))
+
+    def _without_broken(self, key: tuple[str, int], files: list[str], minimum: int, where: str,
+                        render) -> tuple[list[int], Tensor | None]:
+        """``(kept positions, render(kept positions))``: every position but the broken files' (see the class
+        docstring), at most one failed attempt per newly met broken file set."""
+        dropped = set(self._drops.get(key, ()))
+        if self.backend != "dali":  # PIL: broken whatever the batch, so skip it without trying again
+            dropped.update(k for k, path in enumerate(files) if path in self._broken)
+        while True:
+            keep = [k for k in range(len(files)) if k not in dropped]
+            if len(keep) < minimum:
+                raise BrokenFilesError({files[k]: "broken" for k in sorted(dropped)},
+                                       f"{where}: {len(dropped)} of its {len(files)} files are broken "
+                                       f"({', '.join(repr(files[k]) for k in sorted(dropped))}), which leaves "
+                                       f"fewer than {minimum} samples (BatchNorm needs 2)")
+            if not keep:  # (a test chunk of broken files only)
+                return keep, None
+            try:
+                images = render(keep)
+            except BrokenFilesError as exc:
+                met = {k for k in keep if files[k] in exc.files}
+                if not met:  # the renderer blamed files outside the batch: not something skipping can fix
+                    raise
+                self._broken.note(exc, strict=self.strict_data)  # warns once per file; strict: raises
+                dropped |= met
+                continue
+            if dropped:
+                self._drops[key] = tuple(sorted(dropped))
+            return keep, images
 
     def _open_reader(self, iteration: int) -> _EpochReader:
         """A DALI file reader over this rank's files from ``iteration`` to the end of its epoch."""
@@ -274,8 +361,12 @@ class FileBatchSource(BatchSource):
 
     def test_batches(self, batch_size: int):
         for chunk in shard_chunks(len(self.dataset.test_files), batch_size, self.rank, self.world):
-            images = self.renderer.eval_batch(self.dataset.test_files[chunk])
-            yield images, self.dataset.test_labels[chunk].to(self.device)
+            files = list(self.dataset.test_files[chunk])
+            keep, images = self._without_broken(("test", chunk.start), files, 0, f"test images {chunk.start}..",
+                                                lambda keep, files=files: self.renderer.eval_batch(
+                                                    [files[k] for k in keep]))
+            if keep:
+                yield images, self.dataset.test_labels[chunk][torch.tensor(keep, dtype=torch.int64)].to(self.device)
 
     def close(self) -> None:
         self._close_reader()

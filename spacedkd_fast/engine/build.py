@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spacedkd_fast.config import TrainConfig
-from spacedkd_fast.data.pipeline import derive_seed, select_data_backend
+from spacedkd_fast.data.pipeline import FileBatchSource, derive_seed, select_data_backend
 from spacedkd_fast.data.window import TierBudget
 from spacedkd_fast.engine import roles as R
 from spacedkd_fast.engine.checkpoint import schedule_boundaries
@@ -131,6 +131,8 @@ def build_run(cfg: TrainConfig, given: GivenParts, resume_state: dict | None) ->
     feed = build_feed(cfg, given, device, dist.rank, dist.world, data_backend)
     if feed.kind == "user":
         data_backend = "user DataLoader"
+    elif isinstance(feed.source, FileBatchSource):
+        feed.source.strict_data = cfg.strict_data  # a broken file stops the run instead of being skipped
     boundaries = schedule_boundaries(resume_state, cfg)  # the lengths an extended run had before
     schedule = SpacingSchedule(cfg.space if mode.spaced else 0.0, feed.iters_per_epoch, cfg.epochs,
                                start_epoch=cfg.start_epoch, replay_tail=cfg.replay_tail, boundaries=boundaries)

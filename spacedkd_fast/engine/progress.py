@@ -57,7 +57,8 @@ class Clock:
                        student_acc=last.get("student_acc"), exit_acc=last.get("exit_acc"),
                        images_per_s=trainer.position.images_seen / max(wall, 1e-9), wall_s=wall,
                        out=str(trainer.outputs.folder) if trainer.outputs.folder is not None else None,
-                       data_wait_s=self.data_wait_s, session_s=session)
+                       data_wait_s=self.data_wait_s, session_s=session,
+                       skipped_samples=getattr(getattr(trainer.feed, "source", None), "skipped_samples", 0))
 
 
 def describe_run(trainer) -> list[str]:

@@ -26,6 +26,7 @@ class Summary:
     out: str | None
     data_wait_s: float = 0.0  # host time the loop spent waiting for batches (fresh or replayed), this session
     session_s: float = 0.0  # wall time of this session (wall_s includes the time before a resume)
+    skipped_samples: int = 0  # streamed folders: training samples of broken files dropped from fresh batches, session
 
     def table(self) -> str:
         rows = [("epochs", str(self.epochs))]
@@ -39,6 +40,8 @@ class Summary:
         if self.session_s > 0:
             rows.append(("waiting for data", f"{self.data_wait_s:.1f} s ({100 * self.data_wait_s / self.session_s:.1f} "
                                               f"% of the run)"))
+        if self.skipped_samples:
+            rows.append(("skipped samples (broken files)", f"{self.skipped_samples:,}"))
         if self.out:
             rows.append(("outputs", self.out))
         return summary_table(rows)

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from spacedkd_fast.config import TrainConfig
+from spacedkd_fast.data.files import broken_files_error
 from spacedkd_fast.engine import checkpoint, logs
 from spacedkd_fast.engine import roles as R
 from spacedkd_fast.engine.build import GivenParts, build_run
@@ -168,7 +169,17 @@ class Trainer:
         try:
             while not self._done():
                 action = self._choose()
-                role, iteration = self._fresh_step() if action == "teacher" else self._replay_step()
+                try:
+                    role, iteration = self._fresh_step() if action == "teacher" else self._replay_step()
+                except Exception as exc:  # broken files that stop the run (--strict-data): keep the steps taken
+                    broken = broken_files_error(exc)  # (a prefetch thread's error arrives wrapped)
+                    if broken is None:
+                        raise
+                    if not self.driver.recorded and not self.dist.enabled:
+                        checkpoint.write(self)  # the failed render changed nothing: last.pt holds every whole step
+                    if broken is not exc:
+                        raise broken from exc
+                    raise
                 self.position.last_action = action
                 self.position.actions += 1
                 self._progress.update(1)
