@@ -312,6 +312,8 @@ BAD_CONFIG_VALUES = [
     ("seed", -1, {}, "seed= must be an integer >= 0, got -1"),
     ("threads", -1, {}, "threads= must be an integer >= 1, or None (torch's choice), got -1"),
     ("threads", 0, {}, "threads= must be an integer >= 1, or None (torch's choice), got 0"),
+    ("dist_timeout", 0.0, {}, "dist_timeout= must be a finite number of seconds > 0, got 0.0"),
+    ("dist_timeout", INF, {}, "dist_timeout= must be a finite number of seconds > 0, got inf"),
     ("out", "", {}, "out= must be a non-empty folder path, or None, got ''"),
     ("resume", "", {}, "resume= must be a non-empty run folder path, or None, got ''"),
     ("overwrite", "no", {}, "overwrite= must be True or False, got 'no' (str)"),

@@ -114,6 +114,7 @@ CLI_BAD_VALUES = [
     (["--host-budget", "-2"], "--host-budget must be a finite number >= 0 (GB), or None, got -2.0"),
     (["--seed", "-1"], "--seed must be an integer >= 0, got -1"),
     (["--threads", "0"], "--threads must be an integer >= 1, or None (torch's choice), got 0"),
+    (["--dist-timeout", "0"], "--dist-timeout must be a finite number of seconds > 0, got 0.0"),
     (["--out", ""], "--out must be a non-empty folder path, or None, got ''"),
     (["--resume", ""], "--resume must be a non-empty run folder path, or None, got ''"),
     (["--log-every", "-1"], "--log-every must be an integer >= 0 steps (0: no step records), got -1"),

@@ -68,6 +68,10 @@ class Feed(Protocol):
     def fresh(self, data_iteration: int) -> Batch:
         """The fresh batch of a data iteration."""
 
+    def peek(self, data_iteration: int) -> Batch:
+        """The fresh batch of a data iteration, produced out of order (the first-batch check): byte-identical to
+        :meth:`fresh`'s, without disturbing the in-order stream that :meth:`fresh` reads."""
+
     def inputs(self, stored) -> tuple[Tensor, Tensor]:
         """``(model inputs, labels)`` of a stored batch."""
 
@@ -195,6 +199,11 @@ class SourceFeed:
             plan, images, labels = self._prefetcher.next(data_iteration)
         else:
             plan, images, labels = self._render(data_iteration)
+        return Batch((images, labels), self.normalize(images), labels, plan)
+
+    def peek(self, data_iteration: int) -> Batch:
+        plan = self.source.plan(data_iteration)
+        images, labels = self.source.regenerate(plan)  # not the epoch reader a streamed DALI source keeps open
         return Batch((images, labels), self.normalize(images), labels, plan)
 
     def inputs(self, stored) -> tuple[Tensor, Tensor]:
@@ -420,6 +429,10 @@ class LoaderFeed:
 
     def fresh(self, data_iteration: int) -> Batch:
         stored = self._to_device(self._fetch(data_iteration), data_iteration)
+        return Batch(stored, *self.inputs(stored), data_iteration)
+
+    def peek(self, data_iteration: int) -> Batch:
+        stored = self.refetch(data_iteration)
         return Batch(stored, *self.inputs(stored), data_iteration)
 
     def refetch(self, data_iteration: int):

@@ -233,14 +233,16 @@ class Role:
         """Within the block the role's steps compute their loss and stop there: no backward, no optimizer or lr
         scheduler step, no running loss, the plain module (no DDP collective, no compile) in eval mode under
         no_grad (no BatchNorm statistics or random draws change). Yields the list the losses go to."""
-        model, was_training = self.model, unwrap(self.model).training
-        self.model, self.checked = unwrap(self.model), []
+        model = self.model
+        self.model, self.checked = unwrap(model), []
+        modes = [(m, m.training) for m in self.model.modules()]  # each its own (a frozen teacher stays in eval)
         self.model.eval()
         try:
             with torch.no_grad():
                 yield self.checked
         finally:
-            model.train(was_training)
+            for m, training in modes:
+                m.training = training
             self.model, self.checked = model, None
 
     def optimizer_step(self, loss: Tensor, iteration: int) -> None:

@@ -278,7 +278,8 @@ class Trainer:
         """Before any step, the next fresh batch through every step the mode will take (the fresh step of each
         phase, the s = 0 and replay steps), losses only: a batch, a model or a setting that fails (a label out of
         range, a loss that is not a finite scalar, ...) stops the run now, not after the teacher's first block."""
-        batch, i = self.feed.fresh(self._data_iteration()), self._data_iteration()
+        i = self._data_iteration()
+        batch = self.feed.peek(i)
         steps = [(phase.trains, self.mode.fresh_step(phase, block), phase.teacher) for phase in self.mode.phases
                  for block in (self.schedule.blocks[0], self.schedule.blocks[-1])]
         if self.mode.spaced:
