@@ -67,8 +67,7 @@ from spacedkd_fast.engine.outputs import (
     CHECKPOINT,
     RunOutputs,
     atomic_save,
-    check_run_folder,
-    clear_run_folder,
+    open_run_folder,
     summary_table,
 )
 from spacedkd_fast.engine.runtime import bind_device, configure_math, resolve_device, window_budgets
@@ -228,19 +227,21 @@ class Trainer:
         # ---- outputs -------------------------------------------------------------------------------------------
         # On every rank (ranks > 0 write their own checkpoint state there). A resumed run stays in its folder.
         self.run_folder = Path(cfg.resume) if cfg.resume else (Path(cfg.out) if cfg.out else None)
-        if self.run_folder is not None:
-            check_run_folder(self.run_folder, resume=resume_state is not None, overwrite=cfg.overwrite)
-            if cfg.overwrite and resume_state is None and self.dist.is_main:
-                clear_run_folder(self.run_folder)
-            barrier(self.dist)
-        self.best_acc: float | None = resume_state.get("best_acc") if resume_state is not None else None
-        self._checkpoint_ids: list[int] = []  # DDP rank files kept: those of last.pt and previous.pt
-        self.outputs = RunOutputs(self.run_folder, enabled=self.dist.is_main, trace_batches=cfg.trace_batches,
-                                  resume=resume_state is not None)
-        self.outputs.write_config(cfg.to_dict())
-        self.callbacks = Callbacks(self._builtin_callbacks(resume_state is not None) + list(callbacks))
-        if resume_state is not None:
-            self._restore(resume_state)
+        # Rank 0 locks the folder (until fit ends), removes orphaned writes, refuses another run, clears a failed start.
+        self._run_lock = open_run_folder(self.run_folder, resume=resume_state is not None, overwrite=cfg.overwrite,
+                                         dist=self.dist, log=log)
+        try:
+            self.best_acc: float | None = resume_state.get("best_acc") if resume_state is not None else None
+            self._checkpoint_ids: list[int] = []  # DDP rank files kept: those of last.pt and previous.pt
+            self.outputs = RunOutputs(self.run_folder, enabled=self.dist.is_main, trace_batches=cfg.trace_batches,
+                                      resume=resume_state is not None, log=log)
+            self.outputs.write_config(cfg.to_dict())
+            self.callbacks = Callbacks(self._builtin_callbacks(resume_state is not None) + list(callbacks))
+            if resume_state is not None:
+                self._restore(resume_state)
+        except BaseException:
+            self._run_lock.release()  # a Trainer that cannot start leaves the folder free for the corrected one
+            raise
 
     # ================================================================================================ setup helpers
     def _role(self, name: str, net: R.FeatureForward, head: nn.Module | None, given: GivenParts) -> R.Role:
@@ -291,6 +292,13 @@ class Trainer:
 
     # ====================================================================================================== the loop
     def fit(self) -> Summary:
+        """Train to the end (or to a stop request); the run folder's lock is released however it ends."""
+        try:
+            return self._fit()
+        finally:
+            self._run_lock.release()
+
+    def _fit(self) -> Summary:
         self.log(f"spacedkd_fast: {self.cfg.mode} on {self.feed.name} ({self.feed.num_train} train / "
                  f"{self.feed.num_test} test {'images' if self.feed.kind == 'package' else 'samples'}), {self.device}"
                  f"{f' x{self.dist.world} ranks' if self.dist.enabled else ''}, "
