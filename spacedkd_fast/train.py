@@ -19,12 +19,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import errno
 import json
 import sys
 import typing
 from pathlib import Path
 
-from spacedkd_fast.config import RECIPES, TrainConfig, config_fields
+from spacedkd_fast.config import RECIPES, TrainConfig, cli_names, config_fields
+from spacedkd_fast.engine.outputs import CHECKPOINT, PREVIOUS, OutputWriteError, RunFolderInUse, setting_value
 from spacedkd_fast.models import MODEL_NAMES
 
 GROUPS = {
@@ -97,7 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(argv: list[str] | None = None) -> TrainConfig:
-    """Parse flags into a TrainConfig (raises SystemExit on a bad flag, ValueError on a bad value)."""
+    """Parse flags into a TrainConfig (raises SystemExit on a bad flag, ValueError on a bad value; errors name the
+    flags)."""
+    with cli_names():
+        return _config_from_args(argv)
+
+
+def _config_from_args(argv: list[str] | None) -> TrainConfig:
     args = vars(build_parser().parse_args(argv))
     if "lr_milestones" in args:
         args["lr_milestones"] = tuple(args["lr_milestones"])
@@ -105,14 +113,35 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
     if args.get("recipe"):
         base.update(RECIPES[args["recipe"]])
     if args.get("resume"):
-        saved = Path(args["resume"]) / "config.json"
-        if not saved.exists():
-            raise FileNotFoundError(f"--resume {args['resume']}: no config.json there (is it a run folder?)")
-        base = json.loads(saved.read_text())
+        base = saved_config(args["resume"])
     base.update(args)
     if not base.get("resume") and base.get("out") is None:  # never lose a run: it gets a folder of its own
         base["out"] = default_out(base.get("mode", "online"))
     return TrainConfig.from_dict(base)
+
+
+def saved_config(folder: str) -> dict:
+    """The config.json of run folder ``folder`` (``--resume``), as a dict of config fields.
+
+    Raises:
+        FileNotFoundError: there is none. ValueError: it is not JSON, not an object, or has fields this version
+            does not know (each naming the file).
+    """
+    path, where = Path(folder) / "config.json", setting_value("resume", folder)
+    if not path.is_file():
+        raise FileNotFoundError(f"{where}: no config.json there (is it a run folder?)")
+    try:
+        saved = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{where}: {path} is not valid JSON ({exc}); it is the run's config, written when the run "
+                         f"started: restore it (its checkpoint holds the same config)") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{where}: {path} holds a JSON {type(saved).__name__}, not the run's config (an object of "
+                         f"config fields)")
+    unknown = sorted(set(saved) - {f.name for f in config_fields()})
+    if unknown:
+        raise ValueError(f"{where}: {path} has fields this version does not know: {', '.join(unknown)}")
+    return saved
 
 
 def default_out(mode: str) -> str:
@@ -120,27 +149,47 @@ def default_out(mode: str) -> str:
     return f"runs/{mode}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
+# OS errors of a full, read-only or size-limited disk: a one-line error, not a traceback, when they end a run.
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES}
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command line: 0 done, 2 bad input (or a run folder that cannot be used), 1 the disk failed the run,
+    130 interrupted (last.pt written)."""
     from spacedkd_fast.engine import Trainer, TrainingInterrupted
 
-    try:
-        cfg = config_from_args(argv)
-        trainer = Trainer(cfg)
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    from spacedkd_fast.engine.distributed import shutdown
+    with cli_names():  # errors name settings by their flags
+        try:
+            cfg = config_from_args(argv)
+            trainer = Trainer(cfg)
+        except OutputWriteError as exc:  # config.json: the disk, not the input
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, RunFolderInUse) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        from spacedkd_fast.engine.distributed import shutdown
 
-    try:
-        summary = trainer.fit()
-    except TrainingInterrupted as exc:
-        print(f"\ninterrupted: {exc}", file=sys.stderr)
-        return 130
-    finally:
-        shutdown(trainer.dist)
-    if trainer.dist.is_main:
-        print(summary.table())
-    return 0
+        try:
+            summary = trainer.fit()
+        except TrainingInterrupted as exc:
+            print(f"\ninterrupted: {exc}", file=sys.stderr)
+            return 130
+        except OSError as exc:
+            if not isinstance(exc, OutputWriteError) and exc.errno not in STORAGE_ERRNOS:
+                raise
+            folder = trainer.run_folder
+            kept = folder is not None and any((folder / name).exists() for name in (CHECKPOINT, PREVIOUS))
+            print(f"error: {exc}; " + (f"{folder} keeps its last checkpoint: continue with "
+                                       f"{setting_value('resume', folder)} once the disk is fixed" if kept else
+                                       "no checkpoint was written yet"),
+                  file=sys.stderr)
+            return 1
+        finally:
+            shutdown(trainer.dist)
+        if trainer.dist.is_main:
+            print(summary.table())
+        return 0
 
 
 if __name__ == "__main__":
