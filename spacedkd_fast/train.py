@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import errno
 import json
 import os
 import socket
@@ -26,7 +27,8 @@ import sys
 import typing
 from pathlib import Path
 
-from spacedkd_fast.config import RECIPES, TrainConfig, cli_names, config_fields, setting_name
+from spacedkd_fast.config import RECIPES, TrainConfig, cli_names, config_fields
+from spacedkd_fast.engine.outputs import CHECKPOINT, PREVIOUS, OutputWriteError, RunFolderInUse, setting_value
 from spacedkd_fast.models import MODEL_NAMES
 
 GROUPS = {
@@ -109,15 +111,35 @@ def config_from_args(argv: list[str] | None = None) -> TrainConfig:
     if args.get("recipe"):
         base.update(RECIPES[args["recipe"]])
     if args.get("resume"):
-        saved = Path(args["resume"]) / "config.json"
-        if not saved.exists():
-            raise FileNotFoundError(f"{setting_name('resume')} {args['resume']}: no config.json there (is it a run "
-                                    f"folder?)")
-        base = json.loads(saved.read_text())
+        base = saved_config(args["resume"])
     base.update(args)
     if not base.get("resume") and base.get("out") is None:  # never lose a run: it gets a folder of its own
         base["out"] = default_out(base.get("mode", "online"))
     return TrainConfig.from_dict(base)
+
+
+def saved_config(folder: str) -> dict:
+    """The config.json of run folder ``folder`` (``--resume``), as a dict of config fields.
+
+    Raises:
+        FileNotFoundError: there is none. ValueError: it is not JSON, not an object, or has fields this version
+            does not know (each naming the file).
+    """
+    path, where = Path(folder) / "config.json", setting_value("resume", folder)
+    if not path.is_file():
+        raise FileNotFoundError(f"{where}: no config.json there (is it a run folder?)")
+    try:
+        saved = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{where}: {path} is not valid JSON ({exc}); it is the run's config, written when the run "
+                         f"started: restore it (its checkpoint holds the same config)") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{where}: {path} holds a JSON {type(saved).__name__}, not the run's config (an object of "
+                         f"config fields)")
+    unknown = sorted(set(saved) - {f.name for f in config_fields()})
+    if unknown:
+        raise ValueError(f"{where}: {path} has fields this version does not know: {', '.join(unknown)}")
+    return saved
 
 
 def default_out(mode: str) -> str:
@@ -125,6 +147,8 @@ def default_out(mode: str) -> str:
     return f"runs/{mode}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
+# OS errors of a full, read-only or size-limited disk: a one-line error, not a traceback, when they end a run.
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES}
 EXIT_OK = 0  # finished, or stopped on request (SIGINT/SIGTERM) with last.pt written: status.json tells which
 EXIT_BAD_INPUT = 2  # a bad flag or value, a missing dataset, a folder that holds another run
 STATUS = "status.json"  # the run's state for scripts: running / finished / stopped / peer-lost / failed
@@ -146,7 +170,10 @@ def _main(argv: list[str] | None) -> int:
     try:
         cfg = config_from_args(argv)
         trainer = Trainer(cfg)
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+    except OutputWriteError as exc:  # config.json: the disk, not the input
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, RunFolderInUse) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except Exception as exc:
@@ -177,6 +204,18 @@ def _main(argv: list[str] | None) -> int:
         shutdown(info, peers_alive=False)
         print(f"\nerror: {exc}", file=sys.stderr)
         status.write("failed", 1, str(exc))
+        return 1
+    except OSError as exc:
+        if not isinstance(exc, OutputWriteError) and exc.errno not in STORAGE_ERRNOS:
+            status.write("failed", 1, f"{type(exc).__name__}: {exc}")
+            raise
+        shutdown(info, peers_alive=False)
+        kept = folder is not None and any((folder / name).exists() for name in (CHECKPOINT, PREVIOUS))
+        line = f"error: {exc}; " + (f"{folder} keeps its last checkpoint: continue with "
+                                    f"{setting_value('resume', folder)} once the disk is fixed" if kept else
+                                    "no checkpoint was written yet")
+        print(line, file=sys.stderr)
+        status.write("failed", 1, line)
         return 1
     except Exception as exc:
         lost = peer_lost(exc, info)

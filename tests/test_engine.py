@@ -132,7 +132,8 @@ def test_interrupted_run_resumes_bit_identically(tmp_path, extra, stop_after):
 def test_resume_with_a_different_config_names_the_fields(tmp_path):
     out = tmp_path / "run"
     run(tiny(out=str(out), epochs=1, space=0.5))
-    with pytest.raises(ValueError, match=r"space: saved 0.5, requested 1.0; alpha: saved 0.3, requested 0.9"):
+    with pytest.raises(ValueError, match=r"space: last.pt was saved with 0.5, space= asks for 1.0; "
+                                         r"alpha: last.pt was saved with 0.3, alpha= asks for 0.9"):
         Trainer(tiny(out=str(out), resume=str(out), epochs=1, space=1.0, alpha=0.9), log=lambda *a: None)
     with pytest.raises(FileNotFoundError, match="no last.pt"):
         Trainer(tiny(resume=str(tmp_path / "nowhere")), log=lambda *a: None)

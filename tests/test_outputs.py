@@ -59,7 +59,8 @@ def Trainer_with_log(cfg, lines):  # noqa: N802 - reads as the constructor it wr
 def test_a_run_folder_is_not_overwritten_by_accident(tmp_path):
     run(tiny(epochs=1, out=str(tmp_path)))
     before = (tmp_path / "metrics.jsonl").read_text()
-    with pytest.raises(FileExistsError, match=r"holds another run \(config.json, metrics.jsonl, last.pt.*--resume"):
+    with pytest.raises(FileExistsError, match=r"out=.* holds another run \(config.json, metrics.jsonl, last.pt.*"
+                                              r"continue it with resume=.*, or pass overwrite=True to replace it"):
         run(tiny(epochs=1, out=str(tmp_path)))
     assert (tmp_path / "metrics.jsonl").read_text() == before  # nothing was touched
     (tmp_path / "notes.txt").write_text("mine")
@@ -99,5 +100,6 @@ def test_a_finished_run_extends_with_more_epochs(tmp_path):
     again = run(tiny(space=0.75, epochs=3, out=str(b), resume=str(b)))
     assert again.boundaries == (2,)
     assert_bit_identical(weights(extended), weights(again))
-    with pytest.raises(ValueError, match=r"epochs: saved 3, requested 2 \(a run can be extended, not shortened\)"):
+    with pytest.raises(ValueError, match=r"epochs: last.pt was saved with 3, epochs= asks for 2 "
+                                         r"\(a run can be extended, not shortened\)"):
         run(tiny(space=0.75, epochs=2, resume=str(b)))

@@ -175,7 +175,7 @@ def test_sigterm_writes_a_checkpoint_and_resume_finishes_bit_identically(tmp_pat
 def test_resume_with_conflicting_flags_is_refused(tmp_path):
     assert cli(*TINY, "--epochs", "1", "--out", str(tmp_path), "--no-progress").returncode == 0
     result = cli("--resume", str(tmp_path), "--alpha", "0.9", "--no-progress")
-    assert result.returncode == 2 and "alpha: saved 0.3, requested 0.9" in result.stderr
+    assert result.returncode == 2 and "alpha: last.pt was saved with 0.3, --alpha asks for 0.9" in result.stderr
 
 
 def test_torchrun_two_cpu_processes_with_gloo(tmp_path):

@@ -29,6 +29,8 @@ import json
 import os
 from pathlib import Path
 
+from spacedkd_fast.engine.outputs import write_optional
+
 STEP_COLUMNS = ("role", "step", "iteration", "epoch", "loss", "lr", "images_per_s", "elapsed_s")
 EPOCH_COLUMNS = ("epoch", "teacher_acc", "student_acc", "ensemble_acc", "teacher_loss", "student_loss", "lr_teacher",
                  "lr_student", "images_per_s", "data_wait_fraction", "elapsed_s")
@@ -159,7 +161,8 @@ class MetricsFiles(Callback):
 
     def on_fit_end(self, trainer, summary) -> None:
         self.close()
-        plot_curves(read_metrics(self.folder), self.folder / "curves.png")
+        path = self.folder / "curves.png"  # a figure the run can do without: a failed write is one warning
+        write_optional(path, lambda: plot_curves(read_metrics(self.folder), path), trainer.log)
 
     def close(self) -> None:
         if not self._jsonl.closed:

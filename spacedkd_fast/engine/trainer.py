@@ -30,8 +30,8 @@ from spacedkd_fast.engine import checkpoint, logs
 from spacedkd_fast.engine import roles as R
 from spacedkd_fast.engine.build import GivenParts, build_run
 from spacedkd_fast.engine.callbacks import Callback, Callbacks, MetricsFiles, TensorBoard
-from spacedkd_fast.engine.distributed import all_reduce_sum, any_rank, barrier
-from spacedkd_fast.engine.outputs import RunOutputs, check_run_folder, clear_run_folder
+from spacedkd_fast.engine.distributed import all_reduce_sum, any_rank
+from spacedkd_fast.engine.outputs import RunOutputs, open_run_folder
 from spacedkd_fast.engine.progress import Clock, describe_run, progress_bar
 from spacedkd_fast.engine.records import EpochRecords, Summary
 from spacedkd_fast.engine.stopping import install_stop_signals
@@ -106,20 +106,21 @@ class Trainer:
         self._checkpoint_ids: list[int] = []  # DDP rank files kept: those of last.pt and previous.pt
         # ---- outputs: on every rank (ranks > 0 write their own checkpoint state there); a resumed run stays put
         self.run_folder = Path(self.cfg.resume or self.cfg.out) if (self.cfg.resume or self.cfg.out) else None
-        if self.run_folder is not None:
-            check_run_folder(self.run_folder, resume=resume_state is not None, overwrite=self.cfg.overwrite)
-            if self.dist.is_main:
-                if self.cfg.overwrite and resume_state is None:
-                    clear_run_folder(self.run_folder)
-                if resume_state is not None:  # the logs end where the checkpoint does
-                    logs.cut_back(self.run_folder, resume_state.get("logs"))
-            barrier(self.dist)
-        self.outputs = RunOutputs(self.run_folder, enabled=self.dist.is_main, trace_batches=self.cfg.trace_batches,
-                                  resume=resume_state is not None)
-        self.outputs.write_config(self.cfg.to_dict())
-        self.callbacks = Callbacks(self._builtin_callbacks(resume_state is not None) + list(callbacks))
-        if resume_state is not None:
-            checkpoint.restore(self, resume_state)
+        # Rank 0 locks the folder (until fit ends), removes orphaned writes, refuses another run, clears a failed start.
+        self._run_lock = open_run_folder(self.run_folder, resume=resume_state is not None,
+                                         overwrite=self.cfg.overwrite, dist=self.dist, log=log)
+        try:
+            if self.run_folder is not None and self.dist.is_main and resume_state is not None:
+                logs.cut_back(self.run_folder, resume_state.get("logs"))  # the logs end where the checkpoint does
+            self.outputs = RunOutputs(self.run_folder, enabled=self.dist.is_main,
+                                      trace_batches=self.cfg.trace_batches, resume=resume_state is not None, log=log)
+            self.outputs.write_config(self.cfg.to_dict())
+            self.callbacks = Callbacks(self._builtin_callbacks(resume_state is not None) + list(callbacks))
+            if resume_state is not None:
+                checkpoint.restore(self, resume_state)
+        except BaseException:
+            self._run_lock.release()  # a Trainer that cannot start leaves the folder free for the corrected one
+            raise
         if self.position.phase == "student" and self.teacher is not None:
             self.teacher.net.eval()  # offline KD's frozen teacher
 
@@ -149,6 +150,13 @@ class Trainer:
 
     # ====================================================================================================== the loop
     def fit(self) -> Summary:
+        """Train to the end (or to a stop request); the run folder's lock is released however it ends."""
+        try:
+            return self._fit()
+        finally:
+            self._run_lock.release()
+
+    def _fit(self) -> Summary:
         for line in describe_run(self):
             self.log(line)
         previous = self._install_signal_handlers()
