@@ -103,7 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(argv: list[str] | None = None) -> TrainConfig:
-    """Parse flags into a TrainConfig (raises SystemExit on a bad flag, ValueError on a bad value)."""
+    """Parse flags into a TrainConfig (raises SystemExit on a bad flag, ValueError on a bad value; errors name the
+    flags)."""
+    with cli_names():
+        return _config_from_args(argv)
+
+
+def _config_from_args(argv: list[str] | None) -> TrainConfig:
     args = vars(build_parser().parse_args(argv))
     if "lr_milestones" in args:
         args["lr_milestones"] = tuple(args["lr_milestones"])

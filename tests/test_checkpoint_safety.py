@@ -317,7 +317,7 @@ def test_a_foreign_or_malformed_last_pt_falls_back_to_previous_pt(stopped, copy_
     else:
         torch.save(content, folder / "last.pt")
     lines = []
-    state = load_resume_state(tiny(out=str(folder), resume=str(folder), **SPACE), log=lines.append)
+    state, _ = load_resume_state(tiny(out=str(folder), resume=str(folder), **SPACE), log=lines.append)
     assert state["checkpoint_file"] == "previous.pt"
     assert state["position"]["actions"] == _load(folder / "previous.pt")["position"]["actions"]
     assert len(lines) == 1

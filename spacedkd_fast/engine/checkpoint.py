@@ -26,6 +26,7 @@ from spacedkd_fast.config import TrainConfig, incompatible_fields, setting_name
 from spacedkd_fast.engine import logs
 from spacedkd_fast.engine import roles as R
 from spacedkd_fast.engine.distributed import barrier
+from spacedkd_fast.engine.modes import MODES
 from spacedkd_fast.engine.outputs import (
     CHECKPOINT,
     CONFIG,
@@ -159,13 +160,21 @@ def load_checkpoint(folder: str | os.PathLike, log=print) -> tuple[dict, Path]:
     raise ValueError(f"{where}: no readable checkpoint: {'; '.join(problems)}")
 
 
-def load_resume_state(cfg: TrainConfig, log=print) -> dict:
-    """The checkpoint ``cfg.resume`` names, checked against ``cfg``: same format family, no field that changes
-    the math differs (more epochs extend the run; an offline run cannot be extended)."""
+def load_resume_state(cfg: TrainConfig, log=print, explicit: dict | None = None) -> tuple[dict, TrainConfig]:
+    """The checkpoint ``cfg.resume`` names and the config the resumed run trains with, checked against each other:
+    same format family, no field that changes the math differs (more epochs extend the run; an offline run cannot be
+    extended).
+
+    ``explicit`` (Python's keywords): the settings the caller spelled out. The saved config wins where they say
+    nothing; where they say something, a resume-mutable setting (device, logging, budgets, ...) or more epochs
+    override it, anything else that differs is refused, naming it. None (the command line, or a complete
+    ``TrainConfig``): ``cfg`` is the whole request, already laid over the run's config.json."""
     state, path = load_checkpoint(cfg.resume, log=log)  # last.pt, or previous.pt if that one is not valid
     if state["format"] == 1:  # a single-process checkpoint of the first format: same content, other places
         state = upgrade_format_1(state)
     saved = TrainConfig.from_dict(state["config"])
+    if explicit is not None:
+        cfg = TrainConfig.from_dict({**saved.to_dict(), **explicit})
     differ = incompatible_fields(saved, cfg)
     if differ:
         details = "; ".join(f"{f}: {path.name} was saved with {getattr(saved, f)!r}, {source} {getattr(cfg, f)!r}"
@@ -173,12 +182,12 @@ def load_resume_state(cfg: TrainConfig, log=print) -> dict:
         raise ValueError(f"{setting_value('resume', cfg.resume)}: incompatible config, these fields differ from the "
                          f"saved run: {details}" +
                          (" (a run can be extended, not shortened)" if "epochs" in differ else ""))
-    if cfg.epochs > saved.epochs and cfg.mode == "offline":
+    if cfg.epochs > saved.epochs and not MODES[cfg.mode].extendable:
         raise ValueError(f"{setting_value('resume', cfg.resume)} {setting_value('epochs', cfg.epochs)}: an offline "
                          f"run cannot be extended (its frozen teacher's phase has {saved.epochs} epochs)")
     state["saved_epochs"] = saved.epochs
     state["checkpoint_file"] = path.name
-    return state
+    return state, cfg
 
 
 def _requested_by(cfg: TrainConfig, fields: list[str]) -> dict[str, str]:

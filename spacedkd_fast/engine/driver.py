@@ -233,7 +233,7 @@ class BlockDriver:
                                "iterations)")
         return {"position": self.position(),
                 "snapshots": self.snapshots.state_dict() if self.snapshots is not None else {},
-                "window": self.window.state_dict() if self.window is not None else None}
+                "window": self.window.state_dict() if self.window is not None else {}}
 
     def load_state_dict(self, state: dict) -> None:
         position = state["position"]

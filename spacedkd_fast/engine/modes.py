@@ -67,6 +67,12 @@ class Mode:
         """Two networks training at the same time: their steps may overlap (two CUDA streams)."""
         return self.has_teacher and self.spaced
 
+    @property
+    def extendable(self) -> bool:
+        """Whether a finished run can be extended with more epochs (not one whose first phase trains a teacher that
+        a second phase then freezes: offline KD)."""
+        return len(self.phases) == 1
+
     def replays(self, block: Block) -> bool:
         """Whether the student replays ``block`` (an s = 0 block only with a student of its own; never a dropped
         tail)."""

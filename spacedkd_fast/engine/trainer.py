@@ -59,7 +59,10 @@ class Trainer:
 
     From the command line ``cfg`` is everything. From Python, any part may be given instead of being built from
     ``cfg`` (see :mod:`spacedkd_fast.engine.build`), and settings may be keyword arguments (``Trainer(mode="online",
-    space=1.0, epochs=5, ...)``: :class:`~spacedkd_fast.config.TrainConfig` fields, over ``cfg``'s).
+    space=1.0, epochs=5, ...)``: :class:`~spacedkd_fast.config.TrainConfig` fields, over ``cfg``'s). Resuming
+    (``resume=DIR``) works as on the command line: the saved config wins, the keywords given override only what
+    may change on a resume (device, logging, budgets; more ``epochs`` extend the run), anything else is refused
+    naming it. A ``cfg`` given alone is taken as the whole request and compared with the saved run as it is.
 
     Args:
         teacher, student: ``nn.Module`` whose forward returns ``(B, C)`` logits (self KD: a multi-exit module
@@ -87,8 +90,11 @@ class Trainer:
                            teacher_scheduler, student_scheduler, scheduler_interval, loss, teacher_features,
                            student_features, unpack)
         self.log = log
+        complete = cfg is not None and not settings  # a whole TrainConfig (the command line's): compared as it is
         cfg = given.record(_with_settings(cfg if cfg is not None else TrainConfig(), settings))
-        resume_state = checkpoint.load_resume_state(cfg, log) if cfg.resume is not None else None
+        resume_state = None
+        if cfg.resume is not None:  # the saved config wins where the keywords say nothing (as on the command line)
+            resume_state, cfg = checkpoint.load_resume_state(cfg, log, None if complete else _explicit(cfg, settings))
         run = build_run(cfg, given, resume_state)  # device, processes, data, schedule, window, networks, roles
         self.cfg, self.mode, self.device, self.dist, self.overlap = run.cfg, run.mode, run.device, run.dist, run.overlap
         self.feed, self.data_backend, self.schedule, self.driver = run.feed, run.data_backend, run.schedule, run.driver
@@ -398,6 +404,14 @@ class Trainer:
     @property
     def best_acc(self) -> float | None:
         return self.records.best_acc
+
+
+def _explicit(cfg: TrainConfig, settings: dict) -> dict:
+    """The settings a Python caller spelled out: its keywords, and the fields of its ``cfg`` (or the records of
+    given parts) that differ from the defaults."""
+    defaults = TrainConfig()
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainConfig)
+            if f.name in settings or getattr(cfg, f.name) != getattr(defaults, f.name)}
 
 
 def _with_settings(cfg: TrainConfig, settings: dict) -> TrainConfig:
