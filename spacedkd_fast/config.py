@@ -475,3 +475,23 @@ def incompatible_fields(saved: TrainConfig, requested: TrainConfig) -> list[str]
     return [f.name for f in config_fields()
             if f.name not in RESUME_MUTABLE and getattr(saved, f.name) != getattr(requested, f.name)
             and not (f.name == "epochs" and requested.epochs > saved.epochs)]
+
+
+def explicit_settings(cfg: TrainConfig, settings: dict) -> dict:
+    """The settings a Python caller spelled out: its keywords, and the fields of its ``cfg`` (or the records of
+    given parts) that differ from the defaults."""
+    defaults = TrainConfig()
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainConfig)
+            if f.name in settings or getattr(cfg, f.name) != getattr(defaults, f.name)}
+
+
+def with_settings(cfg: TrainConfig, settings: dict) -> TrainConfig:
+    """``cfg`` with keyword settings applied (names checked: a typo is an error, not a silent default)."""
+    if not settings:
+        return cfg
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(settings) - fields)
+    if unknown:
+        raise TypeError(f"Trainer got unknown setting(s) {', '.join(unknown)}; settings are TrainConfig fields "
+                        f"(e.g. mode, space, epochs, batch_size, lr, alpha, temperature, beta, out)")
+    return dataclasses.replace(cfg, **settings)

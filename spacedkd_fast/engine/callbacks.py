@@ -252,3 +252,15 @@ def plot_curves(records: list[dict], path: str | os.PathLike) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def builtin_callbacks(folder, cfg, resume: bool, num_exits: int) -> list[Callback]:
+    """The run folder's metrics files and TensorBoard (rank 0's ``folder``; None: none): callbacks like the user's."""
+    if folder is None:
+        if cfg.tensorboard:
+            raise ValueError("--tensorboard writes into the run folder; give out= (or --out)")
+        return []
+    built: list[Callback] = [MetricsFiles(folder, resume=resume, num_exits=num_exits)]
+    if cfg.tensorboard:
+        built.append(TensorBoard(Path(folder) / "tensorboard"))
+    return built

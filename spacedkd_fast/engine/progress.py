@@ -61,6 +61,23 @@ class Clock:
                        skipped_samples=getattr(getattr(trainer.feed, "source", None), "skipped_samples", 0))
 
 
+def log_step(trainer, role, iteration: int) -> None:
+    """Tell the callbacks about a step; every ``log_every`` steps of a role, a step record with the mean loss since
+    its last one (one host sync). ``iteration``: the data iteration the step trained on. Rank 0 only."""
+    if not trainer.dist.is_main:
+        return
+    offset = trainer._student_epoch_offset if trainer.position.phase == "student" else 0
+    step = {"role": role.name, "step": role.steps, "iteration": iteration,
+            "epoch": (iteration + 1) / trainer.iters_per_epoch + offset}
+    trainer.callbacks.on_step_end(trainer, step)
+    every = trainer.cfg.log_every
+    if every and not role.steps % every:
+        record = {"kind": "step", **step, "loss": role.step_loss.take(), "lr": role.last_lr,
+                  **trainer.clock.step_timing(trainer)}
+        trainer._progress.set_postfix_str(f"{role.name} loss {record['loss']:.4g}", refresh=False)
+        trainer.callbacks.on_log(trainer, record)
+
+
 def describe_run(trainer) -> list[str]:
     """The lines a run opens with: what trains on what, where, in which order, and where the outputs go."""
     feed, cfg = trainer.feed, trainer.cfg

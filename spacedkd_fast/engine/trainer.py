@@ -15,8 +15,6 @@ streams that run concurrently, synchronized only by events on the window's batch
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,15 +22,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from spacedkd_fast.config import TrainConfig
+from spacedkd_fast.config import TrainConfig, explicit_settings, with_settings
 from spacedkd_fast.data.files import broken_files_error
 from spacedkd_fast.engine import checkpoint, logs
 from spacedkd_fast.engine import roles as R
 from spacedkd_fast.engine.build import GivenParts, build_run
-from spacedkd_fast.engine.callbacks import Callback, Callbacks, MetricsFiles, TensorBoard
+from spacedkd_fast.engine.callbacks import Callback, Callbacks, MetricsFiles, builtin_callbacks
 from spacedkd_fast.engine.distributed import all_reduce_sum, any_rank
 from spacedkd_fast.engine.outputs import RunOutputs, open_run_folder
-from spacedkd_fast.engine.progress import Clock, describe_run, progress_bar
+from spacedkd_fast.engine.preflight import check_first_batch
+from spacedkd_fast.engine.progress import Clock, describe_run, log_step, progress_bar
 from spacedkd_fast.engine.records import EpochRecords, Summary
 from spacedkd_fast.engine.stopping import install_stop_signals
 
@@ -91,10 +90,11 @@ class Trainer:
                            student_features, unpack)
         self.log = log
         complete = cfg is not None and not settings  # a whole TrainConfig (the command line's): compared as it is
-        cfg = given.record(_with_settings(cfg if cfg is not None else TrainConfig(), settings))
+        cfg = given.record(with_settings(cfg if cfg is not None else TrainConfig(), settings))
         resume_state = None
         if cfg.resume is not None:  # the saved config wins where the keywords say nothing (as on the command line)
-            resume_state, cfg = checkpoint.load_resume_state(cfg, log, None if complete else _explicit(cfg, settings))
+            explicit = None if complete else explicit_settings(cfg, settings)
+            resume_state, cfg = checkpoint.load_resume_state(cfg, log, explicit)
         run = build_run(cfg, given, resume_state)  # device, processes, data, schedule, window, networks, roles
         self.cfg, self.mode, self.device, self.dist, self.overlap = run.cfg, run.mode, run.device, run.dist, run.overlap
         self.feed, self.data_backend, self.schedule, self.driver = run.feed, run.data_backend, run.schedule, run.driver
@@ -121,7 +121,8 @@ class Trainer:
             self.outputs = RunOutputs(self.run_folder, enabled=self.dist.is_main,
                                       trace_batches=self.cfg.trace_batches, resume=resume_state is not None, log=log)
             self.outputs.write_config(self.cfg.to_dict())
-            self.callbacks = Callbacks(self._builtin_callbacks(resume_state is not None) + list(callbacks))
+            self.callbacks = Callbacks(builtin_callbacks(self.outputs.folder, self.cfg, resume_state is not None,
+                                                         self.num_exits) + list(callbacks))
             if resume_state is not None:
                 checkpoint.restore(self, resume_state)
         except BaseException:
@@ -129,17 +130,6 @@ class Trainer:
             raise
         if self.position.phase == "student" and self.teacher is not None:
             self.teacher.net.eval()  # offline KD's frozen teacher
-
-    def _builtin_callbacks(self, resume: bool) -> list[Callback]:
-        """The run folder's metrics files and TensorBoard, on rank 0 (they are callbacks like the user's)."""
-        if self.outputs.folder is None:
-            if self.cfg.tensorboard:
-                raise ValueError("--tensorboard writes into the run folder; give out= (or --out)")
-            return []
-        built: list[Callback] = [MetricsFiles(self.outputs.folder, resume=resume, num_exits=self.num_exits)]
-        if self.cfg.tensorboard:
-            built.append(TensorBoard(self.outputs.folder / "tensorboard"))
-        return built
 
     @property
     def source(self):
@@ -176,7 +166,7 @@ class Trainer:
             self._student_evals(None)  # epochs that end before the first replay evaluate the untrained student
         if self.position.phase == "student" and self.cfg.teacher_weights:
             self.records.frozen_teacher_acc = self.records.accuracy(self._measure(self.teacher)[0], "teacher")
-        self._check_first_batch()
+        check_first_batch(self)
         self._progress = progress_bar(self)
         depth = self.cfg.prefetch if self.cfg.prefetch is not None else (2 if self.device.type == "cuda" else 0)
         self.feed.start(self._data_iteration(), self.schedule.total_iterations * len(self.mode.phases), depth)
@@ -197,7 +187,7 @@ class Trainer:
                 self.position.last_action = action
                 self.position.actions += 1
                 self._progress.update(1)
-                self._log_step(role, iteration)
+                log_step(self, role, iteration)
                 self._after_action()
                 if self.driver.recorded:
                     continue  # an s = 0 student step is due: state is only saved between whole iterations
@@ -288,35 +278,6 @@ class Trainer:
             self._student_evals(finished)
         return role, i
 
-    def _check_first_batch(self) -> None:
-        """Before any step, the next fresh batch through every step the mode will take (the fresh step of each
-        phase, the s = 0 and replay steps), losses only: a batch, a model or a setting that fails (a label out of
-        range, a loss that is not a finite scalar, ...) stops the run now, not after the teacher's first block."""
-        i = self._data_iteration()
-        batch = self.feed.peek(i)
-        steps = [(phase.trains, self.mode.fresh_step(phase, block), phase.teacher) for phase in self.mode.phases
-                 for block in (self.schedule.blocks[0], self.schedule.blocks[-1])]
-        if self.mode.spaced:
-            steps.append(("student", self.mode.replay, "teacher" if self.mode.snapshots else None))
-        for name, step, teacher in dict.fromkeys(steps):
-            role = self.roles[name]
-            try:
-                with contextlib.ExitStack() as dry:
-                    checked = [dry.enter_context(r.dry_run()) for r in self.roles.values()]  # all in eval mode
-                    with role.context():
-                        step(self.objectives, role, batch.inputs, batch.labels, i,
-                             self.roles[teacher].net if teacher else None)
-                    losses = sum(checked, [])
-                for loss in losses:
-                    if not (torch.is_tensor(loss) and loss.numel() == 1 and loss.dtype.is_floating_point):
-                        raise ValueError(f"the loss is {type(loss).__name__} {tuple(getattr(loss, 'shape', ()))}, "
-                                         f"not a scalar")
-                    if not torch.isfinite(loss).all():
-                        raise ValueError(f"the loss is {float(loss)}")
-            except Exception as exc:  # noqa: BLE001 - whatever failed, it failed before any training
-                raise ValueError(f"the {name}'s {step.__name__} fails on the first batch (data iteration {i}), before "
-                                 f"any training: {type(exc).__name__}: {exc}") from exc
-
     def _data_iteration(self) -> int:
         """Index of the next fresh batch in the data stream (offline's student phase reads epochs E..2E-1 of it,
         fresh batches of its own)."""
@@ -329,21 +290,6 @@ class Trainer:
         return self.cfg.epochs if len(self.mode.phases) > 1 and not self.cfg.teacher_weights else 0
 
     # ====================================================================================== evaluation and metrics
-    def _log_step(self, role: R.Role, iteration: int) -> None:
-        """Tell the callbacks about the step; every ``log_every`` steps of a role, a step record with the mean loss
-        since its last one (one host sync). ``iteration``: the data iteration the step trained on."""
-        if not self.dist.is_main:
-            return
-        offset = self._student_epoch_offset if self.position.phase == "student" else 0
-        step = {"role": role.name, "step": role.steps, "iteration": iteration,
-                "epoch": (iteration + 1) / self.iters_per_epoch + offset}
-        self.callbacks.on_step_end(self, step)
-        if self.cfg.log_every and not role.steps % self.cfg.log_every:
-            record = {"kind": "step", **step, "loss": role.step_loss.take(), "lr": role.last_lr,
-                      **self.clock.step_timing(self)}
-            self._progress.set_postfix_str(f"{role.name} loss {record['loss']:.4g}", refresh=False)
-            self.callbacks.on_log(self, record)
-
     def _after_action(self) -> None:
         """Epoch-end evaluations on the teacher's timeline."""
         t = self.driver.fresh
@@ -404,23 +350,3 @@ class Trainer:
     @property
     def best_acc(self) -> float | None:
         return self.records.best_acc
-
-
-def _explicit(cfg: TrainConfig, settings: dict) -> dict:
-    """The settings a Python caller spelled out: its keywords, and the fields of its ``cfg`` (or the records of
-    given parts) that differ from the defaults."""
-    defaults = TrainConfig()
-    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainConfig)
-            if f.name in settings or getattr(cfg, f.name) != getattr(defaults, f.name)}
-
-
-def _with_settings(cfg: TrainConfig, settings: dict) -> TrainConfig:
-    """``cfg`` with keyword settings applied (names checked: a typo is an error, not a silent default)."""
-    if not settings:
-        return cfg
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(settings) - fields)
-    if unknown:
-        raise TypeError(f"Trainer got unknown setting(s) {', '.join(unknown)}; settings are TrainConfig fields "
-                        f"(e.g. mode, space, epochs, batch_size, lr, alpha, temperature, beta, out)")
-    return dataclasses.replace(cfg, **settings)
