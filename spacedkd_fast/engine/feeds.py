@@ -479,6 +479,8 @@ class LoaderFeed:
                                  f"(resize or crop in the transform)")
         x, y = self.unpack(batch)
         self._check_labels(x, y, data_iteration, what)
+        if all(t.device == self.device for t in leaves):
+            return batch  # (training on the CPU) nothing to move, nothing to rebuild
         moved = [t.to(self.device, non_blocking=True) for t in leaves]
         return pytree.tree_unflatten(moved, spec)
 
@@ -489,9 +491,13 @@ class LoaderFeed:
         if y.dim() != 1 or y.dtype.is_floating_point or y.dtype == torch.bool or y.shape[0] != x.shape[0]:
             raise ValueError(f"{what}: batch {data_iteration}'s labels must be integer class indices of shape "
                              f"({x.shape[0]},), got {y.dtype} {tuple(y.shape)}")
-        if self.num_classes is not None and y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
-            raise ValueError(f"{what}: batch {data_iteration} has labels in [{int(y.min())}, {int(y.max())}]; the "
-                             f"models have {self.num_classes} classes (labels must be in [0, {self.num_classes}))")
+        if self.num_classes is None or not y.numel():
+            return
+        # One reduction for both ends (labels on the host, as a Dataset gives them: no device sync).
+        low, high = (int(end) for end in torch.aminmax(y))
+        if low < 0 or high >= self.num_classes:
+            raise ValueError(f"{what}: batch {data_iteration} has labels in [{low}, {high}]; the models have "
+                             f"{self.num_classes} classes (labels must be in [0, {self.num_classes}))")
 
     def inputs(self, stored) -> tuple[Tensor, Tensor]:
         x, y = self.unpack(stored)
