@@ -75,7 +75,7 @@ def test_sample_seeding(measure, one_thread, batch):
     data = InMemory(BATCHES_PER_ROUND * batch)
     feed = LoaderFeed(data, batch_size=batch, eval_batch_size=batch, seed=SEED, device=torch.device("cpu"))
     samples = BATCHES_PER_ROUND * batch
-    order = feed._order(0)
+    order = feed._order(0).tolist()
     keys = [feed._keys(i) for i in range(BATCHES_PER_ROUND)]
     seeds = [seed for batch_keys in keys for _, seed in batch_keys]
 

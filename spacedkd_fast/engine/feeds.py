@@ -356,6 +356,9 @@ class LoaderSettings:
         return LoaderSettings(data, batch_size)
 
 
+_ORDERS_KEPT = 4  # epoch orders LoaderFeed keeps (a replay reaches back ceil(space) + 1 epochs at most)
+
+
 class LoaderFeed:
     """The user's own data: a map-style ``Dataset`` or a ``DataLoader`` over one, for training and evaluation.
 
@@ -407,20 +410,23 @@ class LoaderFeed:
         self._next = -1
         self._sample_shapes: tuple | None = None  # the first batch's per-sample shapes (batches may not change)
         self._samples = _SeededSamples(self.train.dataset)
-        self._orders: dict[int, list[int]] = {}
+        self._orders: dict[int, Tensor] = {}  # epoch -> order, least recently used first
 
     # ---- order ----------------------------------------------------------------------------------------------------
-    def _order(self, epoch: int) -> list[int]:
-        """The sample order of an epoch, the same on every rank (the last two epochs' are kept: the student may
-        fetch the previous epoch's batches again while the teacher reads the next)."""
-        order = self._orders.get(epoch)
+    def _order(self, epoch: int) -> Tensor:
+        """The sample order of an epoch (CPU int64), the same on every rank. The orders of the last few epochs
+        asked for are kept: a student fetching the batches of an earlier epoch again alternates with the teacher
+        reading the current one (8 bytes a sample each, so even a large dataset's are cheap to keep)."""
+        order = self._orders.pop(epoch, None)
         if order is None:
             if not self.train.shuffle:
-                order = list(range(self.num_train))
+                order = torch.arange(self.num_train)
             else:
                 generator = torch.Generator().manual_seed(derive_seed(self.seed, "order", epoch))
-                order = torch.randperm(self.num_train, generator=generator).tolist()
-            self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1} | {epoch: order}
+                order = torch.randperm(self.num_train, generator=generator)
+        self._orders[epoch] = order  # now the most recent
+        while len(self._orders) > _ORDERS_KEPT:
+            del self._orders[next(iter(self._orders))]
         return order
 
     def _keys(self, data_iteration: int) -> list[tuple[int, int]]:
@@ -428,7 +434,7 @@ class LoaderFeed:
         ``derive_seed(seed, "sample", data_iteration, rank, k)``."""
         b = self.train.batch_size
         start = (data_iteration % self.iters_per_epoch) * b
-        indices = self._order(data_iteration // self.iters_per_epoch)[start:start + b][self.rank::self.world]
+        indices = self._order(data_iteration // self.iters_per_epoch)[start:start + b][self.rank::self.world].tolist()
         return list(zip(indices, derive_seeds(self.seed, "sample", data_iteration, self.rank, count=len(indices))))
 
     def _read(self, data_iteration: int):
