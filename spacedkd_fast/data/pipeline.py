@@ -37,10 +37,25 @@ from spacedkd_fast.data.files import BrokenFiles, BrokenFilesError, FileDataset,
 DATA_BACKENDS = ("auto", "torch", "dali")
 
 
+_SEED_MASK = (1 << 63) - 1
+
+
 def derive_seed(*parts: int | str) -> int:
     """A 63-bit seed from a tuple of ints/strings (stable across processes and platforms)."""
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+    return int.from_bytes(digest, "little") & _SEED_MASK
+
+
+def derive_seeds(*prefix: int | str, count: int) -> list[int]:
+    """``[derive_seed(*prefix, k) for k in range(count)]``, the same values at half the cost: the text of the shared
+    prefix (``repr`` of the tuple up to its last item) is built once. The per-sample seeds of a user's batch are
+    derived this way on every fetch (about 1 µs a seed instead of 2)."""
+    if not prefix:
+        raise ValueError("derive_seeds needs at least one prefix part (repr of a 1-tuple has its own form)")
+    head = ("(" + ", ".join(map(repr, prefix)) + ", ").encode()
+    blake2b, from_bytes = hashlib.blake2b, int.from_bytes
+    return [from_bytes(blake2b(head + b"%d)" % k, digest_size=8).digest(), "little") & _SEED_MASK
+            for k in range(count)]
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,11 @@ and a replayed ``stored`` is turned back into inputs by :meth:`Feed.inputs`, byt
   (device, pinned host) or only the plan, and inputs are normalized when used.
 * :class:`LoaderFeed`: the user's own map-style ``Dataset`` or ``DataLoader``. Batches are kept *as produced* by the
   user's transforms and collate function (any tensor, or tuple/list/dict of tensors), on the device or in pinned
-  host memory within the budgets; beyond both they are fetched again when replayed (their plan is the data
-  iteration). Every sample is drawn with a seed of its own (``derive_seed(seed, "sample", iteration, k)``, set for
-  ``torch`` and ``random`` around the dataset's ``__getitem__``), so a batch is a pure function of its data
-  iteration: random transforms replay, resume and regenerate exactly, with or without worker processes.
+  host memory within the budgets; beyond both they are fetched again when replayed. Every sample is read with a
+  seed of its own, ``derive_seed(seed, "sample", data_iteration, rank, k)``, set for torch's default CPU
+  generator, ``random`` and numpy's global RNG before the dataset's ``__getitem__`` (:func:`seed_global_rngs`),
+  so a batch is a pure function of its data iteration: random transforms replay, resume and are fetched again
+  exactly, with or without worker processes.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import random
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
@@ -32,7 +34,7 @@ from spacedkd_fast.data import load_dataset
 from spacedkd_fast.data.augment import normalize
 from spacedkd_fast.data.datasets import ImageDataset, canonical_dataset_name
 from spacedkd_fast.data.files import FILE_DATASET_NAMES, FileDataset, scan_folder_dataset
-from spacedkd_fast.data.pipeline import BatchPlan, derive_seed, make_source, shard_chunks
+from spacedkd_fast.data.pipeline import BatchPlan, derive_seed, derive_seeds, make_source, shard_chunks
 from spacedkd_fast.data.producer import Prefetcher
 from spacedkd_fast.data.window import BlockingHostStorage, CopyStorage, ReplayWindow, RingStorage, TierBudget
 
@@ -245,8 +247,90 @@ def default_unpack(batch) -> tuple[Any, Any]:
                      f"to say how to split it)")
 
 
+NUMPY_SEED_BITS = 0xFFFF_FFFF  # numpy's legacy global RNG takes 32-bit seeds: a sample's seed is cut to its low bits
+
+
+def seed_global_rngs(seed: int) -> None:
+    """Seed the global random streams a ``Dataset.__getitem__`` may draw from, as the engine does before reading
+    each sample: torch's default CPU generator, Python's ``random`` and numpy's legacy global RNG (``np.random.*``;
+    ``seed & 0xFFFFFFFF``). Each is seeded as its own ``seed`` function does, so cached values go too (``random``'s
+    and numpy's second Gaussian of a pair, torch's cached normal). ``torch.manual_seed`` would also seed every
+    accelerator's generator, 100x slower; a transform drawing from a CUDA generator or from its own generator
+    object (``np.random.default_rng()``) is not seeded."""
+    torch.default_generator.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed & NUMPY_SEED_BITS)
+
+
+class _MainStreams:
+    """The main process's global random streams, saved once before a batch's samples are read and restored once
+    after them: inside the engine the default torch generator holds a role's stream (its dropout), and the user's
+    own code may draw from ``random`` or numpy between batches; neither may see that samples were read.
+
+    numpy's ``get_state()`` costs ~50 µs (it copies its 624 words one by one), most of a batch's save and restore.
+    It is skipped when numpy's MT19937 words and position are, byte for byte (read through the bit generator's
+    ``ctypes.state_address``, ~0.5 µs), those of the state ``get_state()`` returned last time: every draw moves
+    them, so between two batches that nothing drew from numpy (the usual case) the state is known. A cached
+    second Gaussian of a pair is not in those bytes, so the shortcut needs none cached in the state it reuses
+    (the one change it cannot see: ``np.random.set_state`` to the very same words with a Gaussian cached). The
+    bytes' layout is checked once against ``get_state()``; where it does not match, ``get_state()`` always runs.
+    """
+
+    def __init__(self) -> None:
+        self._numpy: tuple | None = None  # the state get_state() returned last, key as a list (set_state: 15x faster)
+        self._numpy_raw: bytes | None = None  # ... and its raw bytes
+
+    def save(self) -> tuple:
+        numpy_raw = _numpy_raw_state()
+        if numpy_raw is None or numpy_raw != self._numpy_raw or self._numpy[3]:
+            name, key, pos, has_gauss, gauss = np.random.get_state()
+            self._numpy, self._numpy_raw = (name, key.tolist(), pos, has_gauss, gauss), numpy_raw
+        return torch.default_generator.get_state(), random.getstate(), self._numpy
+
+    def restore(self, saved: tuple) -> None:
+        """Back to the streams of a :meth:`save` (its own numpy state: saves may nest)."""
+        torch_state, random_state, numpy_state = saved
+        torch.default_generator.set_state(torch_state)
+        random.setstate(random_state)
+        np.random.set_state(numpy_state)
+
+
+def _numpy_raw_reader():
+    """``() -> bytes`` of numpy's global MT19937 words and position, or None where that memory does not hold the
+    state ``get_state()`` reports (a numpy whose struct differs): then the caller always asks ``get_state()``."""
+    import ctypes
+
+    try:
+        bit_generator = np.random.mtrand._rand._bit_generator
+        address = bit_generator.ctypes.state_address
+        size = 624 * 4 + 4  # uint32 key[624]; int pos (numpy's mt19937_state_t)
+        saved = np.random.get_state()
+        try:
+            np.random.seed(12345)
+            np.random.random_sample(7)  # the position moves off 624
+            _, key, pos, *_ = np.random.get_state()
+            expected = key.astype("<u4").tobytes() + int(pos).to_bytes(4, "little", signed=True)
+            if ctypes.string_at(address, size) != expected:
+                return None
+        finally:
+            np.random.set_state(saved)
+    except Exception:  # noqa: BLE001 - any numpy without this interface: the slow path is always correct
+        return None
+    return lambda: ctypes.string_at(address, size)
+
+
+_numpy_raw_state = _numpy_raw_reader() or (lambda: None)
+_MAIN_STREAMS = _MainStreams()  # the streams are the process's: one saved numpy state for every feed
+
+
 class _SeededSamples(Dataset):
-    """``dataset[i]`` under a seed of its own: indexed by ``(i, seed)``."""
+    """``dataset[i]`` under a seed of its own: indexed by ``(i, seed)``; ``__getitems__`` reads a batch of keys
+    (the DataLoader's fetcher calls it in worker processes, the feed in the main process).
+
+    Each sample is read after :func:`seed_global_rngs` of its seed, in every process, so a sample is the same
+    whichever process reads it. In the main process the streams are saved before the batch and restored after it
+    (once a batch: saving them around each sample cost 70-180 µs a sample); a worker's streams are its own.
+    """
 
     def __init__(self, dataset) -> None:
         self.dataset = dataset
@@ -255,20 +339,24 @@ class _SeededSamples(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key):
-        index, seed = key
-        generator = torch.default_generator  # (torch.manual_seed would also reach for every accelerator: 100x slower)
-        if torch.utils.data.get_worker_info() is not None:  # a worker's random streams are its own
-            generator.manual_seed(seed)
-            random.seed(seed)
-            return self.dataset[index]
-        saved = generator.get_state(), random.getstate()  # the main process's streams are the roles': restore them
-        generator.manual_seed(seed)
-        random.seed(seed)
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys) -> list:
+        dataset = self.dataset
+        # seed_global_rngs, with the three seed functions looked up once a batch (they are ~2 µs each)
+        seed_torch, seed_random, seed_numpy = torch.default_generator.manual_seed, random.seed, np.random.seed
+        saved = _MAIN_STREAMS.save() if torch.utils.data.get_worker_info() is None else None
         try:
-            return self.dataset[index]
+            samples = []
+            for index, seed in keys:
+                seed_torch(seed)
+                seed_random(seed)
+                seed_numpy(seed & NUMPY_SEED_BITS)
+                samples.append(dataset[index])
+            return samples
         finally:
-            generator.set_state(saved[0])
-            random.setstate(saved[1])
+            if saved is not None:
+                _MAIN_STREAMS.restore(saved)
 
 
 @dataclasses.dataclass
@@ -299,12 +387,17 @@ class LoaderSettings:
         return LoaderSettings(data, batch_size)
 
 
+_ORDERS_KEPT = 4  # epoch orders LoaderFeed keeps (a replay reaches back ceil(space) + 1 epochs at most)
+
+
 class LoaderFeed:
     """The user's own data: a map-style ``Dataset`` or a ``DataLoader`` over one, for training and evaluation.
 
     A ``DataLoader`` contributes its dataset, ``batch_size``, ``collate_fn``, ``num_workers``, ``drop_last`` and
     whether it shuffles; the order itself is drawn here (seeded per epoch, the same on every rank) so that resume
-    is exact. A bare ``Dataset`` is read with ``batch_size`` in the main process, shuffled.
+    is exact. A bare ``Dataset`` is read with ``batch_size`` in the main process, shuffled. Without workers the
+    samples are read here directly (no DataLoader); with workers, by a DataLoader per epoch (and one per batch
+    fetched again), each batch by one worker. Either way each sample is seeded on its own (:class:`_SeededSamples`).
 
     Args:
         train, eval_data: the data (``eval_data`` may be None: no evaluation).
@@ -343,32 +436,54 @@ class LoaderFeed:
         self._iterator: Iterator | None = None
         self._next = -1
         self._sample_shapes: tuple | None = None  # the first batch's per-sample shapes (batches may not change)
+        self._samples = _SeededSamples(self.train.dataset)
+        self._orders: dict[int, Tensor] = {}  # epoch -> order, least recently used first
 
     # ---- order ----------------------------------------------------------------------------------------------------
     def _order(self, epoch: int) -> Tensor:
-        if not self.train.shuffle:
-            return torch.arange(self.num_train)
-        return torch.randperm(self.num_train, generator=torch.Generator().manual_seed(derive_seed(self.seed, "order",
-                                                                                                   epoch)))
+        """The sample order of an epoch (CPU int64), the same on every rank. The orders of the last few epochs
+        asked for are kept: a student fetching the batches of an earlier epoch again alternates with the teacher
+        reading the current one (8 bytes a sample each, so even a large dataset's are cheap to keep)."""
+        order = self._orders.pop(epoch, None)
+        if order is None:
+            if not self.train.shuffle:
+                order = torch.arange(self.num_train)
+            else:
+                generator = torch.Generator().manual_seed(derive_seed(self.seed, "order", epoch))
+                order = torch.randperm(self.num_train, generator=generator)
+        self._orders[epoch] = order  # now the most recent
+        while len(self._orders) > _ORDERS_KEPT:
+            del self._orders[next(iter(self._orders))]
+        return order
 
-    def _keys(self, data_iteration: int, order: Tensor) -> list[tuple[int, int]]:
-        """This rank's ``(index, sample seed)`` pairs of a data iteration."""
+    def _keys(self, data_iteration: int) -> list[tuple[int, int]]:
+        """This rank's ``(index, sample seed)`` pairs of a data iteration: the k-th sample's seed is
+        ``derive_seed(seed, "sample", data_iteration, rank, k)``."""
         b = self.train.batch_size
         start = (data_iteration % self.iters_per_epoch) * b
-        indices = order[start:start + b][self.rank::self.world].tolist()
-        return [(i, derive_seed(self.seed, "sample", data_iteration, self.rank, k)) for k, i in enumerate(indices)]
+        indices = self._order(data_iteration // self.iters_per_epoch)[start:start + b][self.rank::self.world].tolist()
+        return list(zip(indices, derive_seeds(self.seed, "sample", data_iteration, self.rank, count=len(indices))))
+
+    def _read(self, data_iteration: int):
+        """The collated host batch of a data iteration, read in this process (pinned for a CUDA device)."""
+        batch = self.train.collate_fn(self._samples.__getitems__(self._keys(data_iteration)))
+        return _pinned(batch) if self.device.type == "cuda" else batch
 
     def _loader(self, first: int, stop: int) -> Iterator:
-        epoch = first // self.iters_per_epoch
-        order = self._order(epoch)
-        batches = [self._keys(i, order) for i in range(first, stop)]
-        return iter(DataLoader(_SeededSamples(self.train.dataset), batch_sampler=batches,
+        """Worker processes reading data iterations ``first..stop-1``. The loader gets a generator of its own: its
+        iterator draws a base seed for the workers, which from the default generator would be a draw from a
+        role's stream (the fetch runs inside the role's RNG context), taken where a loader happens to be started
+        (not where a resumed run starts one). Every sample is seeded anyway, so the base seed is never used."""
+        return iter(DataLoader(self._samples, batch_sampler=[self._keys(i) for i in range(first, stop)],
                                collate_fn=self.train.collate_fn, num_workers=self.train.num_workers,
-                               pin_memory=self.device.type == "cuda"))
+                               pin_memory=self.device.type == "cuda", generator=torch.Generator()))
 
     def _fetch(self, data_iteration: int, sequential: bool = True):
-        """The collated host batch of a data iteration (the loader runs ahead within the epoch)."""
-        if not sequential:
+        """The collated host batch of a data iteration: read here without workers (no DataLoader: it would only
+        add its per-epoch set-up), else from worker processes running ahead within the epoch."""
+        if self.train.num_workers == 0:
+            return self._read(data_iteration)
+        if not sequential:  # the same workers' count as the fresh batch: same threads, same bytes
             return next(self._loader(data_iteration, data_iteration + 1))
         if self._iterator is None or data_iteration != self._next:
             epoch_end = (data_iteration // self.iters_per_epoch + 1) * self.iters_per_epoch
@@ -397,6 +512,8 @@ class LoaderFeed:
                                  f"(resize or crop in the transform)")
         x, y = self.unpack(batch)
         self._check_labels(x, y, data_iteration, what)
+        if all(t.device == self.device for t in leaves):
+            return batch  # (training on the CPU) nothing to move, nothing to rebuild
         moved = [t.to(self.device, non_blocking=True) for t in leaves]
         return pytree.tree_unflatten(moved, spec)
 
@@ -407,9 +524,13 @@ class LoaderFeed:
         if y.dim() != 1 or y.dtype.is_floating_point or y.dtype == torch.bool or y.shape[0] != x.shape[0]:
             raise ValueError(f"{what}: batch {data_iteration}'s labels must be integer class indices of shape "
                              f"({x.shape[0]},), got {y.dtype} {tuple(y.shape)}")
-        if self.num_classes is not None and y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
-            raise ValueError(f"{what}: batch {data_iteration} has labels in [{int(y.min())}, {int(y.max())}]; the "
-                             f"models have {self.num_classes} classes (labels must be in [0, {self.num_classes}))")
+        if self.num_classes is None or not y.numel():
+            return
+        # One reduction for both ends (labels on the host, as a Dataset gives them: no device sync).
+        low, high = (int(end) for end in torch.aminmax(y))
+        if low < 0 or high >= self.num_classes:
+            raise ValueError(f"{what}: batch {data_iteration} has labels in [{low}, {high}]; the models have "
+                             f"{self.num_classes} classes (labels must be in [0, {self.num_classes}))")
 
     def inputs(self, stored) -> tuple[Tensor, Tensor]:
         x, y = self.unpack(stored)
@@ -420,8 +541,8 @@ class LoaderFeed:
     def probe_input(self) -> Tensor:
         """The inputs of the first two training samples, on the device: the model-output check's input."""
         keys = [(i, derive_seed(self.seed, "probe", i)) for i in range(min(2, self.num_train))]
-        samples = _SeededSamples(self.train.dataset)
-        batch = self._to_device(self.train.collate_fn([samples[k] for k in keys]), -1, "train_data (first samples)")
+        batch = self._to_device(self.train.collate_fn(self._samples.__getitems__(keys)), -1,
+                                "train_data (first samples)")
         return self.inputs(batch)[0]
 
     def start(self, first: int, end: int, depth: int) -> None:
@@ -451,18 +572,34 @@ class LoaderFeed:
 
     # ---- evaluation -----------------------------------------------------------------------------------------------
     def test_batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
-        """This rank's contiguous shard of ``eval_data``, in order, on the device."""
+        """This rank's contiguous shard of ``eval_data``, in order, on the device.
+
+        Evaluation samples are not seeded (an evaluation reads its data as a plain loop would), but the main
+        process's random streams are restored once the evaluation is over: it runs inside the role's RNG context,
+        so a random evaluation transform would otherwise draw from the role's stream, and the loader's worker base
+        seed would be one draw more (it gets a generator of its own); training would then depend on the
+        evaluation data."""
         if self.eval is None:
             return
         n = len(self.eval.dataset)
         chunks = [list(range(c.start, c.stop)) for c in shard_chunks(n, self.eval.batch_size, self.rank, self.world)]
         loader = DataLoader(self.eval.dataset, batch_sampler=chunks, collate_fn=self.eval.collate_fn,
-                            num_workers=self.eval.num_workers, pin_memory=self.device.type == "cuda")
-        for k, batch in enumerate(loader):
-            yield self.inputs(self._to_device(batch, k, "eval_data"))
+                            num_workers=self.eval.num_workers, pin_memory=self.device.type == "cuda",
+                            generator=torch.Generator())
+        saved = _MAIN_STREAMS.save()
+        try:
+            for k, batch in enumerate(loader):
+                yield self.inputs(self._to_device(batch, k, "eval_data"))
+        finally:
+            _MAIN_STREAMS.restore(saved)
 
     def close(self) -> None:
         self._iterator = None
+
+
+def _pinned(batch):
+    """The batch with its tensors in pinned host memory (what ``DataLoader(pin_memory=True)`` does)."""
+    return pytree.tree_map_only(Tensor, lambda t: t.pin_memory(), batch)
 
 
 def is_package_dataset(data) -> bool:
