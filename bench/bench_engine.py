@@ -1,9 +1,11 @@
 """The engine's own cost on a user's data, CPU:
 
-* ``test_sample_seeding``: µs per sample that the engine's sampler adds to ``dataset[i]`` (the sample seeds'
-  derivation, seeding torch / ``random`` / numpy before each sample, saving and restoring the main process's
-  streams once a batch), against unseeded ``dataset[i]`` of the same samples and against the three seed calls
-  alone (the floor: ``random.seed`` is most of it), the three back to back in every round;
+* ``test_sample_seeding``: µs per sample that the engine's sampler adds to ``dataset[i]`` (saving, comparing and
+  restoring the main process's streams once a batch; for a dataset that draws from them, the sample seeds'
+  derivation and seeding torch / ``random`` / numpy before each sample), against unseeded ``dataset[i]`` of the
+  same samples and against the three seed calls alone (the floor of seeding all three: ``random.seed`` is most
+  of it), the three back to back in every round; for a dataset without random transforms and for one drawing
+  from all three streams;
 * ``test_engine_overhead``: ``Trainer.fit`` of two small MLPs at s = 0 (online KD) on an in-memory ``Dataset``
   against a hand-written loop doing the same steps (teacher CE step, student ``KDLoss`` step on the teacher's
   pre-update logits, the same optimizers, batches and evaluations: the weights come out bit-identical, which the
@@ -34,9 +36,9 @@ from torch import nn
 from torch.utils.data import Dataset, default_collate
 
 from spacedkd_fast import KDLoss
-from spacedkd_fast.data.pipeline import derive_seed
+from spacedkd_fast.data.pipeline import derive_seed, derive_seeds
 from spacedkd_fast.engine import Callback, Trainer
-from spacedkd_fast.engine.feeds import NUMPY_SEED_BITS, LoaderFeed
+from spacedkd_fast.engine.feeds import ALWAYS_SEEDED, NUMPY_SEED_BITS, STREAMS, LoaderFeed
 
 SEED = 0  # TrainConfig's default run seed: the engine's order below is derive_seed(SEED, "order", epoch)
 FEATURES, CLASSES = 1024, 10
@@ -70,14 +72,27 @@ def one_thread():
 BATCHES_PER_ROUND = 16
 
 
+class Augmenting(InMemory):
+    """``InMemory`` with a transform drawing from all three global streams (torch, ``random``, numpy): a random
+    sign flip, scale and shift of the features; the engine seeds all three before every sample."""
+
+    def __getitem__(self, i):
+        x = self.x[i] * (1.0 if torch.rand(()) < 0.5 else -1.0)
+        return x * random.uniform(0.9, 1.1) + float(np.random.uniform(-0.1, 0.1)), self.y[i]
+
+
+@pytest.mark.parametrize("draws", ["no draws", "torch+random+numpy"])
 @pytest.mark.parametrize("batch", [16, 64])
-def test_sample_seeding(measure, one_thread, batch):
-    data = InMemory(BATCHES_PER_ROUND * batch)
+def test_sample_seeding(measure, one_thread, batch, draws):
+    data = (InMemory if draws == "no draws" else Augmenting)(BATCHES_PER_ROUND * batch)
     feed = LoaderFeed(data, batch_size=batch, eval_batch_size=batch, seed=SEED, device=torch.device("cpu"))
+    feed._samples.__getitems__(feed._keys(0))  # the engine learns which streams the dataset draws from
+    expected = ALWAYS_SEEDED if draws == "no draws" else frozenset(STREAMS)
+    assert feed._samples.drawn == expected, f"the engine saw {set(feed._samples.drawn)} drawn, not {set(expected)}"
     samples = BATCHES_PER_ROUND * batch
     order = feed._order(0).tolist()
     keys = [feed._keys(i) for i in range(BATCHES_PER_ROUND)]
-    seeds = [seed for batch_keys in keys for _, seed in batch_keys]
+    seeds = [seed for k in keys for seed in derive_seeds(*k.seed_prefix, count=len(k.indices))]
 
     def unseeded():
         for i in range(BATCHES_PER_ROUND):
@@ -87,7 +102,7 @@ def test_sample_seeding(measure, one_thread, batch):
         for i in range(BATCHES_PER_ROUND):
             feed._samples.__getitems__(feed._keys(i))
 
-    def seed_calls():  # the floor: the three seed functions, nothing else
+    def seed_calls():  # seeding all three streams, nothing else: the floor of seeding them
         seed_torch, seed_random, seed_numpy = torch.default_generator.manual_seed, random.seed, np.random.seed
         for s in seeds:
             seed_torch(s)
@@ -107,14 +122,13 @@ def test_sample_seeding(measure, one_thread, batch):
         us = {name: statistics.median(t) / samples * 1e6 for name, t in times.items()}
         return dict(clock="thread CPU time", dataset_item_us_per_sample=us["unseeded"],
                     engine_sampler_us_per_sample=us["engine"], seeding_us_per_sample=us["engine"] - us["unseeded"],
-                    seed_calls_us_per_sample=us["seed_calls"],
-                    above_seed_calls_us_per_sample=us["engine"] - us["unseeded"] - us["seed_calls"])
+                    seed_calls_us_per_sample=us["seed_calls"], streams_seeded=sorted(feed._samples.drawn))
 
-    record = measure(interleaved, group=f"user data: per-sample seeding, batch {batch} (cpu)",
+    record = measure(interleaved, group=f"user data: per-sample seeding, batch {batch}, {draws} (cpu)",
                      provider="dataset[i], seed calls, engine sampler", after=summary,
-                     info=dict(samples_per_round=samples, batch=batch, threads=1))
-    print(f"\nbatch {batch}: seeding adds {record['seeding_us_per_sample']:.2f} us/sample to dataset[i] "
-          f"({record['dataset_item_us_per_sample']:.2f} us); the three seed calls alone "
+                     info=dict(samples_per_round=samples, batch=batch, threads=1, draws=draws))
+    print(f"\nbatch {batch}, {draws}: seeding adds {record['seeding_us_per_sample']:.2f} us/sample to dataset[i] "
+          f"({record['dataset_item_us_per_sample']:.2f} us); seeding all three streams alone "
           f"{record['seed_calls_us_per_sample']:.2f} us")
 
 

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spacedkd_fast.config import cli_names, setting_name
+from spacedkd_fast.engine.progress import say
 
 __all__ = ["TraceEstimate", "hessian_trace", "hessian_trace_of_checkpoint", "main"]
 
@@ -458,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
                 torch.set_flush_denormal(True)  # as the trainer: denormal activations are ~10x slower on x86
             target = _load_target(args.checkpoint, args.model, args.samples, args.batch_size, device)
     except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        say(f"error: {exc}")
         return 2
     start = time.perf_counter()
     estimate = hessian_trace(target.model, target.batches, probes=args.probes, seed=args.seed,

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from spacedkd_fast.config import SettingError, TrainConfig, check_setting, cli_names
+from spacedkd_fast.engine.progress import say
 
 
 @dataclass
@@ -236,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             if not args.dry_run and not args.report_only:
                 check_hessian_samples(args)
     except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        say(f"error: {exc}")
         return 2
     if args.dry_run:
         for st, seed, cfg in configs:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from spacedkd_fast.config import RECIPES, TrainConfig, cli_names, config_fields
 from spacedkd_fast.engine.outputs import CHECKPOINT, PREVIOUS, OutputWriteError, RunFolderInUse, setting_value
+from spacedkd_fast.engine.progress import say
 from spacedkd_fast.models import MODEL_NAMES
 
 GROUPS = {
@@ -177,17 +178,17 @@ def _main(argv: list[str] | None) -> int:
         cfg = config_from_args(argv)
         trainer = Trainer(cfg)
     except OutputWriteError as exc:  # config.json: the disk, not the input
-        print(f"error: {exc}", file=sys.stderr)
+        say(f"error: {exc}")
         return 1
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, RunFolderInUse) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        say(f"error: {exc}")
         return EXIT_BAD_INPUT
     except Exception as exc:
         world = int(os.environ.get("WORLD_SIZE", "1"))  # the Trainer's DistInfo does not exist yet
         lost = peer_lost(exc, DistInfo(rank=int(os.environ.get("RANK", "0")), world=world))
         if lost is None:
             raise
-        print(lost.line(cfg.resume or cfg.out if cfg is not None else None), file=sys.stderr)
+        say(lost.line(cfg.resume or cfg.out if cfg is not None else None))
         return EXIT_PEER_LOST
 
     info, folder = trainer.dist, trainer.run_folder
@@ -208,7 +209,7 @@ def _main(argv: list[str] | None) -> int:
             line += f" (last.pt written{f'; with torchrun --nproc_per_node={info.world}' if info.enabled else ''})"
     except BrokenFilesError as exc:  # --strict-data, or a batch of broken files: last.pt holds the steps taken
         shutdown(info, peers_alive=False)
-        print(f"\nerror: {exc}", file=sys.stderr)
+        say(f"\nerror: {exc}")
         status.write("failed", 1, str(exc))
         return 1
     except OSError as exc:
@@ -220,7 +221,7 @@ def _main(argv: list[str] | None) -> int:
         line = f"error: {exc}; " + (f"{folder} keeps its last checkpoint: continue with "
                                     f"{setting_value('resume', folder)} once the disk is fixed" if kept else
                                     "no checkpoint was written yet")
-        print(line, file=sys.stderr)
+        say(line)
         status.write("failed", 1, line)
         return 1
     except Exception as exc:
@@ -230,7 +231,7 @@ def _main(argv: list[str] | None) -> int:
             status.write("failed", 1, f"{type(exc).__name__}: {exc}")
             raise
         line = lost.line(folder)
-        print(line, file=sys.stderr)
+        say(line)
         status.write("peer-lost", EXIT_PEER_LOST, line, any_rank=True)
         return EXIT_PEER_LOST
     try:
@@ -240,11 +241,11 @@ def _main(argv: list[str] | None) -> int:
         if lost is None:
             raise
         line = lost.line(folder)
-        print(line, file=sys.stderr)
+        say(line)
         status.write("peer-lost", EXIT_PEER_LOST, line, any_rank=True)
         return EXIT_PEER_LOST
     if outcome == "stopped":
-        print(line, file=sys.stderr)
+        say(line)
     elif info.is_main:
         print(summary.table())
     status.write(outcome, EXIT_OK, line)
@@ -277,7 +278,7 @@ class RunStatus:
             tmp.write_text(json.dumps(record, indent=2) + "\n")
             os.replace(tmp, self.folder / STATUS)
         except OSError as exc:  # the state file must never be why a run fails
-            print(f"spacedkd_fast: could not write {self.folder / STATUS}: {exc}", file=sys.stderr)
+            say(f"spacedkd_fast: could not write {self.folder / STATUS}: {exc}")
 
 
 if __name__ == "__main__":

@@ -203,6 +203,48 @@ def test_sigterm_to_one_rank_under_torchrun_stops_both_cleanly_and_resume_is_bit
     assert _status(run)["state"] == "finished"
 
 
+def test_sigkill_of_both_ranks_resumes_with_the_uninterrupted_logs(tmp_path):
+    """Two gloo ranks killed with SIGKILL (no handler runs) some steps after a checkpoint, then resumed: weights
+    and every log file rank 0 writes equal an uninterrupted 2-rank run's (the records written after the checkpoint
+    are cut away, not duplicated)."""
+    from test_resume_logs import _records, _rows
+
+    args = ["--epochs", "3", "--space", "0.75", "--trace-batches", "--log-every", "3"]
+    reference = tmp_path / "reference"
+    for code, _, stderr in _finish(_train(*args, "--out", str(reference))):
+        assert code == 0, stderr[-3000:]
+    total = len((reference / "batches.jsonl").read_text().splitlines())
+
+    run = tmp_path / "run"
+    procs = _train(*args, "--out", str(run))
+    try:
+        deadline = time.monotonic() + 300
+        trace = run / "batches.jsonl"
+        while time.monotonic() < deadline:  # the second epoch's checkpoint, then a few steps more
+            if (run / "previous.pt").exists() and trace.exists() and len(trace.read_text().splitlines()) >= 70:
+                break
+            assert all(p.poll() is None for p in procs), "a rank ended before the kill"
+            time.sleep(0.02)
+        for p in procs:
+            p.send_signal(signal.SIGKILL)
+    finally:
+        for p in procs:
+            p.communicate(timeout=60)
+    assert all(p.returncode == -signal.SIGKILL for p in procs)
+    assert len(trace.read_text().splitlines()) < total, "the run finished before the kill"
+    saved = torch.load(run / "last.pt", weights_only=True)["logs"]
+    assert trace.stat().st_size > saved["batches.jsonl"], "no record after the checkpoint: the test shows nothing"
+
+    for code, _, stderr in _finish(_train("--resume", str(run))):
+        assert code == 0, stderr[-3000:]
+    assert trace.read_text() == (reference / "batches.jsonl").read_text(), "batches.jsonl"
+    assert _records(run / "metrics.jsonl") == _records(reference / "metrics.jsonl"), "metrics.jsonl"
+    for name in ("epochs.csv", "steps.csv"):
+        assert _rows(run / name) == _rows(reference / name), name
+    for ref, got in zip(_student_teacher(reference)[:2], _student_teacher(run)[:2]):
+        assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+
+
 # ---- liveness: a peer that stops answering ------------------------------------------------------------------------
 LIVENESS = ["--subset", "256", "--epochs", "30", "--space", "0.5"]  # far more epochs than the test lets it run
 

@@ -107,6 +107,22 @@ def test_a_fallback_to_previous_pt_cuts_the_logs_back_further(tmp_path, uninterr
     assert_same_outputs(uninterrupted, out)
 
 
+def test_a_double_fault_resumes_with_the_uninterrupted_logs(tmp_path, uninterrupted):
+    """Crash, last.pt torn, the resumed run (from previous.pt) crashes again before its next checkpoint, resumed
+    once more: the second crash's records go too, and the logs end as an uninterrupted run's."""
+    out = tmp_path / "run"
+    _crash(out, actions=45)
+    data = (out / "last.pt").read_bytes()
+    (out / "last.pt").write_bytes(data[: len(data) // 2])
+    lines = []
+    trainer = Trainer(tiny(**SETTINGS, out=str(out), resume=str(out)), callbacks=[CrashAt(40)], log=lines.append)
+    with pytest.raises(RuntimeError, match="crash for the test"):
+        trainer.fit()
+    assert any("resuming from previous.pt" in line for line in lines), lines
+    _resume(out)
+    assert_same_outputs(uninterrupted, out)
+
+
 @pytest.mark.slow
 def test_sigkill_resumes_with_the_uninterrupted_logs(tmp_path, uninterrupted):
     """The command line, killed with SIGKILL (no handler runs) some steps after a checkpoint."""

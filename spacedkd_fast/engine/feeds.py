@@ -10,10 +10,10 @@ and a replayed ``stored`` is turned back into inputs by :meth:`Feed.inputs`, byt
 * :class:`LoaderFeed`: the user's own map-style ``Dataset`` or ``DataLoader``. Batches are kept *as produced* by the
   user's transforms and collate function (any tensor, or tuple/list/dict of tensors), on the device or in pinned
   host memory within the budgets; beyond both they are fetched again when replayed. Every sample is read with a
-  seed of its own, ``derive_seed(seed, "sample", data_iteration, rank, k)``, set for torch's default CPU
-  generator, ``random`` and numpy's global RNG before the dataset's ``__getitem__`` (:func:`seed_global_rngs`),
-  so a batch is a pure function of its data iteration: random transforms replay, resume and are fetched again
-  exactly, with or without worker processes.
+  seed of its own, ``derive_seed(seed, "sample", data_iteration, rank, k)``, set before the dataset's
+  ``__getitem__`` for those of torch's default CPU generator, ``random`` and numpy's global RNG that the dataset
+  draws from (:func:`seed_global_rngs`, :class:`_SeededSamples`), so a batch is a pure function of its data
+  iteration: random transforms replay, resume and are fetched again exactly, with or without worker processes.
 """
 
 from __future__ import annotations
@@ -248,27 +248,42 @@ def default_unpack(batch) -> tuple[Any, Any]:
 
 
 NUMPY_SEED_BITS = 0xFFFF_FFFF  # numpy's legacy global RNG takes 32-bit seeds: a sample's seed is cut to its low bits
+STREAMS = ("torch", "random", "numpy")  # the global random streams a Dataset.__getitem__ may draw from
+ALWAYS_SEEDED = frozenset({"torch"})  # ... seeded whether or not it draws from them (torch.initial_seed() is a read)
 
 
-def seed_global_rngs(seed: int) -> None:
+def seed_global_rngs(seed: int, streams=STREAMS) -> None:
     """Seed the global random streams a ``Dataset.__getitem__`` may draw from, as the engine does before reading
-    each sample: torch's default CPU generator, Python's ``random`` and numpy's legacy global RNG (``np.random.*``;
-    ``seed & 0xFFFFFFFF``). Each is seeded as its own ``seed`` function does, so cached values go too (``random``'s
-    and numpy's second Gaussian of a pair, torch's cached normal). ``torch.manual_seed`` would also seed every
-    accelerator's generator, 100x slower; a transform drawing from a CUDA generator or from its own generator
-    object (``np.random.default_rng()``) is not seeded."""
-    torch.default_generator.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed & NUMPY_SEED_BITS)
+    each sample (for those of them the dataset draws from, :class:`_SeededSamples`): torch's default CPU generator,
+    Python's ``random`` and numpy's legacy global RNG (``np.random.*``; ``seed & 0xFFFFFFFF``). Each is seeded as
+    its own ``seed`` function does, so cached values go too (``random``'s and numpy's second Gaussian of a pair,
+    torch's cached normal). ``torch.manual_seed`` would also seed every accelerator's generator, 100x slower; a
+    transform drawing from a CUDA generator or from its own generator object (``np.random.default_rng()``) is not
+    seeded."""
+    if "torch" in streams:
+        torch.default_generator.manual_seed(seed)
+    if "random" in streams:
+        random.seed(seed)
+    if "numpy" in streams:
+        np.random.seed(seed & NUMPY_SEED_BITS)
 
 
-class _MainStreams:
-    """The main process's global random streams, saved once before a batch's samples are read and restored once
-    after them: inside the engine the default torch generator holds a role's stream (its dropout), and the user's
-    own code may draw from ``random`` or numpy between batches; neither may see that samples were read.
+class SavedStreams(NamedTuple):
+    torch: Tensor
+    random: tuple
+    numpy: tuple  # numpy's get_state(), key as a list (set_state is 15x faster with a list)
+    numpy_raw: bytes | None  # ... and its raw bytes, where they can be read
 
-    numpy's ``get_state()`` costs ~50 µs (it copies its 624 words one by one), most of a batch's save and restore.
-    It is skipped when numpy's MT19937 words and position are, byte for byte (read through the bit generator's
+
+class _Streams:
+    """This process's global random streams: saved before a batch's samples are read, compared and restored after
+    them. In the main process the default torch generator holds a role's stream (its dropout) while a batch is
+    read, and the user's own code may draw from ``random`` or numpy between batches: neither may see that samples
+    were read. In every process, a stream that moved while no seed had been set for it tells that the dataset
+    draws from it (:class:`_SeededSamples`).
+
+    numpy's ``get_state()`` costs ~40 µs (it copies its 624 words one by one), most of a batch's save. It is
+    skipped when numpy's MT19937 words and position are, byte for byte (read through the bit generator's
     ``ctypes.state_address``, ~0.5 µs), those of the state ``get_state()`` returned last time: every draw moves
     them, so between two batches that nothing drew from numpy (the usual case) the state is known. A cached
     second Gaussian of a pair is not in those bytes, so the shortcut needs none cached in the state it reuses
@@ -277,22 +292,42 @@ class _MainStreams:
     """
 
     def __init__(self) -> None:
-        self._numpy: tuple | None = None  # the state get_state() returned last, key as a list (set_state: 15x faster)
+        self._numpy: tuple | None = None  # the state get_state() returned last
         self._numpy_raw: bytes | None = None  # ... and its raw bytes
 
-    def save(self) -> tuple:
+    def save(self) -> SavedStreams:
         numpy_raw = _numpy_raw_state()
         if numpy_raw is None or numpy_raw != self._numpy_raw or self._numpy[3]:
             name, key, pos, has_gauss, gauss = np.random.get_state()
             self._numpy, self._numpy_raw = (name, key.tolist(), pos, has_gauss, gauss), numpy_raw
-        return torch.default_generator.get_state(), random.getstate(), self._numpy
+        return SavedStreams(torch.default_generator.get_state(), random.getstate(), self._numpy, numpy_raw)
 
-    def restore(self, saved: tuple) -> None:
-        """Back to the streams of a :meth:`save` (its own numpy state: saves may nest)."""
-        torch_state, random_state, numpy_state = saved
-        torch.default_generator.set_state(torch_state)
-        random.setstate(random_state)
-        np.random.set_state(numpy_state)
+    def restore(self, saved: SavedStreams, streams=STREAMS) -> None:
+        """Back to the ``streams`` of a :meth:`save` (its own numpy state: saves may nest)."""
+        if "torch" in streams:
+            torch.default_generator.set_state(saved.torch)
+        if "random" in streams:
+            random.setstate(saved.random)
+        if "numpy" in streams:
+            np.random.set_state(saved.numpy)
+
+    def moved(self, saved: SavedStreams, streams=STREAMS) -> frozenset[str]:
+        """Those of ``streams`` whose state is no longer the saved one (something drew from them)."""
+        moved = set()
+        if "torch" in streams and not torch.equal(torch.default_generator.get_state(), saved.torch):
+            moved.add("torch")
+        if "random" in streams and random.getstate() != saved.random:
+            moved.add("random")
+        if "numpy" in streams:
+            raw = _numpy_raw_state() if saved.numpy_raw is not None and not saved.numpy[3] else None
+            if raw is not None:  # no Gaussian was cached: any draw moved the words or the position
+                changed = raw != saved.numpy_raw
+            else:
+                name, key, pos, has_gauss, gauss = np.random.get_state()
+                changed = (pos, has_gauss, gauss) != saved.numpy[2:] or key.tolist() != saved.numpy[1]
+            if changed:
+                moved.add("numpy")
+        return frozenset(moved)
 
 
 def _numpy_raw_reader():
@@ -320,43 +355,77 @@ def _numpy_raw_reader():
 
 
 _numpy_raw_state = _numpy_raw_reader() or (lambda: None)
-_MAIN_STREAMS = _MainStreams()  # the streams are the process's: one saved numpy state for every feed
+_STREAMS = _Streams()  # the streams are the process's: one remembered numpy state for every feed
+
+
+class SampleKeys(NamedTuple):
+    """The samples of one batch: dataset ``indices``, the k-th read with the seed ``derive_seed(*seed_prefix, k)``
+    (seeds are derived only when the dataset draws from a global stream)."""
+    indices: list[int]
+    seed_prefix: tuple
 
 
 class _SeededSamples(Dataset):
-    """``dataset[i]`` under a seed of its own: indexed by ``(i, seed)``; ``__getitems__`` reads a batch of keys
-    (the DataLoader's fetcher calls it in worker processes, the feed in the main process).
+    """``dataset[i]`` under a seed of its own: ``__getitems__`` reads a :class:`SampleKeys` batch (the DataLoader's
+    fetcher calls it in worker processes, the feed in the main process).
 
-    Each sample is read after :func:`seed_global_rngs` of its seed, in every process, so a sample is the same
-    whichever process reads it. In the main process the streams are saved before the batch and restored after it
-    (once a batch: saving them around each sample cost 70-180 µs a sample); a worker's streams are its own.
+    Each sample is read with the global streams it draws from seeded by :func:`seed_global_rngs` with its own
+    seed, in every process, so a sample is the same whichever process reads it. torch's default generator is
+    always seeded (a sample may read its seed, ``torch.initial_seed()``, to seed a generator of its own, without
+    drawing; seeding it costs ~1 µs). Whether a dataset draws from ``random`` and numpy is observed, not assumed:
+    the streams in ``drawn`` are seeded before every sample; the others are left alone and compared after the
+    batch, and one that moved joins ``drawn`` and the batch is read again (so each process reads at most two
+    batches twice). A sample drawing only from seeded streams is the same as under all three seeds, so a dataset
+    that does not use ``random`` or numpy does not pay for seeding them (``random.seed`` alone is ~4 µs). In the
+    main process the streams are saved before the batch and restored after it (once a batch: saving them around
+    each sample cost 70-180 µs a sample); a worker's streams are its own. The premise, as for exact replay
+    itself: ``dataset[i]`` depends on nothing but ``i`` and the global streams.
     """
 
     def __init__(self, dataset) -> None:
         self.dataset = dataset
+        self.drawn = ALWAYS_SEEDED  # the streams seeded before each sample: + those the dataset was seen drawing from
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, key):
-        return self.__getitems__([key])[0]
+        raise TypeError("_SeededSamples reads whole batches: __getitems__(SampleKeys)")
 
-    def __getitems__(self, keys) -> list:
-        dataset = self.dataset
-        # seed_global_rngs, with the three seed functions looked up once a batch (they are ~2 µs each)
-        seed_torch, seed_random, seed_numpy = torch.default_generator.manual_seed, random.seed, np.random.seed
-        saved = _MAIN_STREAMS.save() if torch.utils.data.get_worker_info() is None else None
+    def __getitems__(self, keys: SampleKeys) -> list:
+        in_worker = torch.utils.data.get_worker_info() is not None
+        if in_worker and len(self.drawn) == len(STREAMS):
+            return self._read(keys)  # nothing left to watch, nothing to restore
+        saved = _STREAMS.save()
         try:
-            samples = []
-            for index, seed in keys:
-                seed_torch(seed)
-                seed_random(seed)
-                seed_numpy(seed & NUMPY_SEED_BITS)
-                samples.append(dataset[index])
-            return samples
+            while True:
+                samples = self._read(keys)
+                unseeded = [name for name in STREAMS if name not in self.drawn]
+                moved = _STREAMS.moved(saved, unseeded) if unseeded else frozenset()
+                if not moved:
+                    return samples
+                self.drawn |= moved  # read the batch again, these streams seeded too (restored below)
         finally:
-            if saved is not None:
-                _MAIN_STREAMS.restore(saved)
+            if not in_worker:
+                _STREAMS.restore(saved, self.drawn)
+
+    def _read(self, keys: SampleKeys) -> list:
+        dataset, drawn = self.dataset, self.drawn
+        seeds = derive_seeds(*keys.seed_prefix, count=len(keys.indices))
+        # seed_global_rngs inlined, the seed functions looked up once a batch (each lookup + call is ~2 µs)
+        seed_torch = torch.default_generator.manual_seed if "torch" in drawn else None
+        seed_random = random.seed if "random" in drawn else None
+        seed_numpy = np.random.seed if "numpy" in drawn else None
+        samples = []
+        for index, seed in zip(keys.indices, seeds):
+            if seed_torch is not None:
+                seed_torch(seed)
+            if seed_random is not None:
+                seed_random(seed)
+            if seed_numpy is not None:
+                seed_numpy(seed & NUMPY_SEED_BITS)
+            samples.append(dataset[index])
+        return samples
 
 
 @dataclasses.dataclass
@@ -456,13 +525,13 @@ class LoaderFeed:
             del self._orders[next(iter(self._orders))]
         return order
 
-    def _keys(self, data_iteration: int) -> list[tuple[int, int]]:
-        """This rank's ``(index, sample seed)`` pairs of a data iteration: the k-th sample's seed is
+    def _keys(self, data_iteration: int) -> SampleKeys:
+        """This rank's samples of a data iteration: the k-th sample's seed is
         ``derive_seed(seed, "sample", data_iteration, rank, k)``."""
         b = self.train.batch_size
         start = (data_iteration % self.iters_per_epoch) * b
         indices = self._order(data_iteration // self.iters_per_epoch)[start:start + b][self.rank::self.world].tolist()
-        return list(zip(indices, derive_seeds(self.seed, "sample", data_iteration, self.rank, count=len(indices))))
+        return SampleKeys(indices, (self.seed, "sample", data_iteration, self.rank))
 
     def _read(self, data_iteration: int):
         """The collated host batch of a data iteration, read in this process (pinned for a CUDA device)."""
@@ -496,7 +565,8 @@ class LoaderFeed:
 
     # ---- batches --------------------------------------------------------------------------------------------------
     def _to_device(self, batch, data_iteration: int, what: str = "train_data"):
-        leaves, spec = pytree.tree_flatten(batch)
+        flat = type(batch) in (tuple, list) and all(type(t) is Tensor for t in batch)  # (inputs, labels): no pytree
+        leaves, spec = (list(batch), None) if flat else pytree.tree_flatten(batch)
         bad = sorted({type(x).__name__ for x in leaves if not isinstance(x, Tensor)})
         if bad:
             raise TypeError(f"{what}: batch {data_iteration} holds {', '.join(bad)}, not only tensors; give the "
@@ -515,7 +585,7 @@ class LoaderFeed:
         if all(t.device == self.device for t in leaves):
             return batch  # (training on the CPU) nothing to move, nothing to rebuild
         moved = [t.to(self.device, non_blocking=True) for t in leaves]
-        return pytree.tree_unflatten(moved, spec)
+        return type(batch)(moved) if flat else pytree.tree_unflatten(moved, spec)
 
     def _check_labels(self, x, y, data_iteration: int, what: str) -> None:
         if not isinstance(x, Tensor) or not isinstance(y, Tensor):
@@ -540,7 +610,7 @@ class LoaderFeed:
 
     def probe_input(self) -> Tensor:
         """The inputs of the first two training samples, on the device: the model-output check's input."""
-        keys = [(i, derive_seed(self.seed, "probe", i)) for i in range(min(2, self.num_train))]
+        keys = SampleKeys(list(range(min(2, self.num_train))), (self.seed, "probe"))
         batch = self._to_device(self.train.collate_fn(self._samples.__getitems__(keys)), -1,
                                 "train_data (first samples)")
         return self.inputs(batch)[0]
@@ -586,12 +656,12 @@ class LoaderFeed:
         loader = DataLoader(self.eval.dataset, batch_sampler=chunks, collate_fn=self.eval.collate_fn,
                             num_workers=self.eval.num_workers, pin_memory=self.device.type == "cuda",
                             generator=torch.Generator())
-        saved = _MAIN_STREAMS.save()
+        saved = _STREAMS.save()
         try:
             for k, batch in enumerate(loader):
                 yield self.inputs(self._to_device(batch, k, "eval_data"))
         finally:
-            _MAIN_STREAMS.restore(saved)
+            _STREAMS.restore(saved)
 
     def close(self) -> None:
         self._iterator = None

@@ -3,6 +3,7 @@ figures of step and epoch records, and the end-of-run summary."""
 
 from __future__ import annotations
 
+import sys
 import time
 
 import torch
@@ -123,3 +124,10 @@ class _NoProgress:
 
     def close(self) -> None:
         pass
+
+
+def say(text: str) -> None:
+    """One line to stderr in one write: ``print(..., file=sys.stderr)`` writes the text and its newline separately,
+    so the lines of two ranks sharing torchrun's stderr could run into one another."""
+    sys.stderr.write(f"{text}\n")
+    sys.stderr.flush()

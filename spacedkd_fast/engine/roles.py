@@ -208,18 +208,18 @@ class Role:
             return
         cuda = "cuda" in self.rng_state
         device = self.device  # explicit: the current device need not be the training device
-        saved_cpu = torch.get_rng_state()
+        cpu = torch.default_generator  # (torch.get_rng_state / set_rng_state are this, one call deeper)
+        saved_cpu = cpu.get_state()
         saved_cuda = torch.cuda.get_rng_state(device) if cuda else None
-        torch.set_rng_state(self.rng_state["cpu"])
+        cpu.set_state(self.rng_state["cpu"])
         if cuda:
             torch.cuda.set_rng_state(self.rng_state["cuda"], device)
         try:
             with stream:
                 yield
         finally:
-            self.rng_state = {"cpu": torch.get_rng_state(),
-                              **({"cuda": torch.cuda.get_rng_state(device)} if cuda else {})}
-            torch.set_rng_state(saved_cpu)
+            self.rng_state = {"cpu": cpu.get_state(), **({"cuda": torch.cuda.get_rng_state(device)} if cuda else {})}
+            cpu.set_state(saved_cpu)
             if cuda:
                 torch.cuda.set_rng_state(saved_cuda, device)
 
@@ -259,6 +259,10 @@ class Role:
 
 
 def autocast(bf16: bool, device: torch.device):
+    """bf16 autocast on ``device``, or (fp32 outside any autocast, the common case) no context at all: entering a
+    disabled ``torch.autocast`` costs ~3 µs, three times a step."""
+    if not bf16 and not torch.is_autocast_enabled(device.type):
+        return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
