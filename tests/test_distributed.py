@@ -129,9 +129,11 @@ def _worker(launcher: subprocess.Popen, rank: int, timeout: float = 120) -> int:
 
 
 def _wait_for_first_epoch(folder, procs, timeout=300) -> None:
+    """Until the first epoch record and the first checkpoint are written (the record comes first: a signal
+    between the two finds no checkpoint yet)."""
     metrics = folder / "metrics.jsonl"
     deadline = time.time() + timeout
-    while not metrics.exists() or not metrics.read_text().strip():
+    while not metrics.exists() or not metrics.read_text().strip() or not (folder / "last.pt").exists():
         assert time.time() < deadline, "no epoch record in time"
         assert all(p.poll() is None for p in procs), "a process ended before its first epoch"
         time.sleep(0.05)
