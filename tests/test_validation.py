@@ -102,6 +102,25 @@ def test_setting_names_follow_the_caller():
     assert setting_name("role", flag="model") == "role="
 
 
+@pytest.mark.parametrize("settings, python, flag", [
+    (dict(device="cuda:7"), "device= cuda:7", "--device cuda:7"),
+    (dict(mode="base", teacher_weights="t.pt"), "teacher_weights=: mode= base", "--teacher-weights: --mode base"),
+    (dict(subset=10**7), "subset= 10000000", "--subset 10000000"),
+])
+def test_errors_found_while_building_name_keywords_from_python_and_flags_from_the_cli(tmp_path, capsys, settings,
+                                                                                      python, flag):
+    """Errors that only the parts' construction can find (a CUDA device, a teacher the mode lacks, a subset larger
+    than the data) name the setting as the caller gave it."""
+    if "device" in settings and __import__("torch").cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    with pytest.raises(ValueError) as raised:
+        Trainer(out=str(tmp_path / "py"), log=lambda *a: None, **settings)
+    assert str(raised.value).startswith(python), str(raised.value)
+    argv = [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
+    assert main([*argv, "--out", str(tmp_path / "cli"), "--no-progress"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {flag}")
+
+
 def test_a_hand_edited_config_json_is_refused_on_resume_naming_the_flag(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()

@@ -76,7 +76,7 @@ class BatchPlan:
 def select_data_backend(requested: str, device: torch.device) -> str:
     """Resolve ``--data-backend``: ``auto`` prefers DALI on a GPU; an explicit ``dali`` needs DALI installed."""
     if requested not in DATA_BACKENDS:
-        raise ValueError(f"--data-backend must be one of {', '.join(DATA_BACKENDS)}, got {requested!r}")
+        raise ValueError(f"{setting_name('data_backend')} must be one of {', '.join(DATA_BACKENDS)}, got {requested!r}")
     if requested == "auto":
         if device.type == "cuda" and backends.dali().available:
             return "dali"
@@ -85,7 +85,7 @@ def select_data_backend(requested: str, device: torch.device) -> str:
                                        "GPU (pip install nvidia-dali-cuda130 for the DALI pipeline)")
         return "torch"
     if requested == "dali" and not backends.dali().available:
-        raise ValueError(f"--data-backend dali: DALI is not installed ({backends.dali().detail}); "
+        raise ValueError(f"{setting_name('data_backend')} dali: DALI is not installed ({backends.dali().detail}); "
                          f"pip install nvidia-dali-cuda130")
     return requested
 
@@ -110,12 +110,15 @@ class BatchSource:
                  rank: int = 0, world: int = 1, backend: str = "torch") -> None:
         n = len(dataset.train_labels)
         if batch_size > n:
-            raise ValueError(f"--batch-size {batch_size} is larger than the training set ({n} images of "
+            raise ValueError(f"{setting_name('batch_size')} {batch_size} is larger than the training set ({n} "
+                             f"images of "
                              f"{dataset.name!r})")
         if batch_size % world:
-            raise ValueError(f"--batch-size {batch_size} must be divisible by the number of DDP ranks ({world})")
+            raise ValueError(f"{setting_name('batch_size')} {batch_size} must be divisible by the number of DDP "
+                             f"ranks ({world})")
         if batch_size // world < 2:
-            raise ValueError(f"--batch-size {batch_size} leaves {batch_size // world} sample(s) per rank; "
+            raise ValueError(f"{setting_name('batch_size')} {batch_size} leaves {batch_size // world} sample(s) "
+                             f"per rank; "
                              f"BatchNorm needs at least 2")
         self.dataset = dataset
         self.batch_size = batch_size

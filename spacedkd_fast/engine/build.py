@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from spacedkd_fast.config import TrainConfig
+from spacedkd_fast.config import TrainConfig, setting_name
 from spacedkd_fast.data.pipeline import FileBatchSource, derive_seed, select_data_backend
 from spacedkd_fast.data.window import TierBudget
 from spacedkd_fast.engine import roles as R
@@ -215,9 +215,10 @@ class Network:
 def build_networks(cfg: TrainConfig, mode: Mode, given: GivenParts, feed, device: torch.device) -> dict[str, Network]:
     """The mode's networks ("teacher", "student"), given or built, moved to ``device`` and checked."""
     if cfg.teacher_weights and not mode.has_teacher:
-        raise ValueError(f"--teacher-weights: --mode {cfg.mode} trains no separate teacher (use online or offline)")
+        raise ValueError(f"{setting_name('teacher_weights')}: {setting_name('mode')} {cfg.mode} trains no separate "
+                         f"teacher (use online or offline)")
     if given.teacher is not None and not mode.has_teacher:
-        raise ValueError(f"teacher=: --mode {cfg.mode} trains one network (pass it as student=)")
+        raise ValueError(f"teacher=: {setting_name('mode')} {cfg.mode} trains one network (pass it as student=)")
     if given.student is None:
         _check_registry_names(cfg, mode)
     networks: dict[str, Network] = {}
@@ -256,7 +257,7 @@ def build_networks(cfg: TrainConfig, mode: Mode, given: GivenParts, feed, device
     if cfg.beta > 0:
         missing = [name for name, n in networks.items() if n.feature_dim is None]
         if missing:
-            raise ValueError(f"--beta {cfg.beta} needs features from the {' and '.join(missing)}: pass "
+            raise ValueError(f"{setting_name('beta')} {cfg.beta} needs features from the {' and '.join(missing)}: pass "
                              f"{missing[0]}_features= (a submodule name, e.g. 'fc', whose input is the feature, or a "
                              f"callable (module, x) -> (logits, features)), or set beta=0")
     return networks
@@ -266,19 +267,22 @@ def _check_registry_names(cfg: TrainConfig, mode: Mode) -> None:
     """The config's model names fit the mode (the registry says which are multi-exit / distilled)."""
     if mode.multi_exit:
         if not cfg.student_arch.startswith(CUSTOM) and not is_multi_exit(cfg.student_arch):
-            raise ValueError(f"--mode self needs a multi-exit model (byot_*), got {cfg.student_arch!r}")
+            raise ValueError(f"{setting_name('mode')} self needs a multi-exit model (byot_*), got {cfg.student_arch!r}")
         return
     archs = [cfg.student_arch] + ([cfg.teacher_arch] if mode.has_teacher else [])
     for arch in archs:
         if not arch.startswith(CUSTOM) and is_multi_exit(arch):
-            raise ValueError(f"--mode {cfg.mode} needs single-exit models; {arch!r} is multi-exit (use it with "
-                             f"--mode self)")
+            raise ValueError(f"{setting_name('mode')} {cfg.mode} needs single-exit models; {arch!r} is multi-exit "
+                             f"(use it with "
+                             f"{setting_name('mode')} self)")
     plain = {a: a.removesuffix("_distilled") for a in (cfg.teacher_arch, cfg.student_arch)}
     if mode.has_teacher and is_distilled(cfg.teacher_arch):
-        raise ValueError(f"--teacher-model {cfg.teacher_arch!r} has a distillation token, which only a DeiT "
+        raise ValueError(f"{setting_name('teacher_model')} {cfg.teacher_arch!r} has a distillation token, which "
+                         f"only a DeiT "
                          f"student uses; give the teacher the plain ViT ({plain[cfg.teacher_arch]!r})")
     if not mode.has_teacher and is_distilled(cfg.student_arch):
-        raise ValueError(f"--mode base trains with CE only; {cfg.student_arch!r}'s distillation head would "
+        raise ValueError(f"{setting_name('mode')} base trains with CE only; {cfg.student_arch!r}'s distillation "
+                         f"head would "
                          f"learn nothing (use {plain[cfg.student_arch]!r})")
 
 
@@ -347,7 +351,7 @@ def build_optimization(cfg: TrainConfig, given: GivenParts, name: str, module: n
     if optimizer is None:
         if scheduler is not None:
             raise ValueError(f"{name}_scheduler= needs {name}_optimizer= (the built-in optimizer has its built-in "
-                             f"schedule, --lr-schedule)")
+                             f"schedule, {setting_name('lr_schedule')})")
         built = R.build_optimizer(cfg, params)
         return built, R.PositionLR(functools.partial(R.lr_at, cfg), iters_per_epoch)
     if not isinstance(optimizer, torch.optim.Optimizer):

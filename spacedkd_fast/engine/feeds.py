@@ -30,6 +30,7 @@ from torch import Tensor
 from torch.utils import _pytree as pytree
 from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSampler, default_collate
 
+from spacedkd_fast.config import setting_name
 from spacedkd_fast.data import load_dataset
 from spacedkd_fast.data.augment import normalize
 from spacedkd_fast.data.datasets import ImageDataset, canonical_dataset_name
@@ -107,7 +108,7 @@ def load_training_data(cfg, data_backend: str):
     folder = name in FILE_DATASET_NAMES
     stream = cfg.stream if cfg.stream is not None else folder and data_backend == "dali"
     if stream and not folder:
-        raise ValueError(f"--stream applies to folder datasets ({', '.join(FILE_DATASET_NAMES)}), not "
+        raise ValueError(f"{setting_name('stream')} applies to folder datasets ({', '.join(FILE_DATASET_NAMES)}), not "
                          f"{cfg.dataset!r}")
     split = dict(val_fraction=cfg.val_fraction, split_seed=cfg.split_seed)
     if stream:
@@ -119,7 +120,8 @@ def load_training_data(cfg, data_backend: str):
 def subset_dataset(dataset, n: int):
     """The first ``n`` training images (and ``n // 4`` test images) of a fixed shuffle, the same for every seed."""
     if n > len(dataset.train_labels):
-        raise ValueError(f"--subset {n} is larger than the training set ({len(dataset.train_labels)} images)")
+        raise ValueError(f"{setting_name('subset')} {n} is larger than the training set "
+                         f"({len(dataset.train_labels)} images)")
     train = torch.randperm(len(dataset.train_labels), generator=torch.Generator().manual_seed(0))[:n]
     test = torch.randperm(len(dataset.test_labels), generator=torch.Generator().manual_seed(1))
     test = test[:max(n // 4, min(len(test), 16))]

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from spacedkd_fast.config import TrainConfig
+from spacedkd_fast.config import TrainConfig, setting_name
 
 
 def resolve_device(name: str) -> torch.device:
@@ -17,16 +17,18 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as exc:
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from exc
+        raise ValueError(f"{setting_name('device')} must be auto, cpu, cuda or cuda:N, got {name!r}") from exc
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+        raise ValueError(f"{setting_name('device')} must be auto, cpu, cuda or cuda:N, got {name!r}")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: CUDA is not available on this machine (use cpu or auto)")
+            raise ValueError(f"{setting_name('device')} {name}: CUDA is not available on this machine "
+                             f"(use cpu or auto)")
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         elif device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise ValueError(f"{setting_name('device')} {name}: this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
     return device
 
 

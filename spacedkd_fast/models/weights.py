@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from spacedkd_fast.config import setting_name
+
 _WRAPPER_PREFIXES = ("inner.", "module.", "model.", "_orig_mod.")
 
 
@@ -32,18 +34,18 @@ def read_state_dict(path: str) -> dict[str, Tensor]:
     if file.is_dir():
         file = file / "last.pt"
     if not file.exists():
-        raise FileNotFoundError(f"--teacher-weights {path}: no such file")
+        raise FileNotFoundError(f"{setting_name('teacher_weights')} {path}: no such file")
     if file.suffix == ".safetensors":
         try:
             from safetensors.torch import load_file
         except ModuleNotFoundError as exc:
-            raise ModuleNotFoundError(f"--teacher-weights {path}: reading .safetensors needs safetensors: pip install "
-                                      f"safetensors") from exc
+            raise ModuleNotFoundError(f"{setting_name('teacher_weights')} {path}: reading .safetensors needs "
+                                      f"safetensors: pip install safetensors") from exc
         return load_file(str(file))
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torn files and foreign pickles raise many types
-        raise ValueError(f"--teacher-weights {path}: cannot read {file.name} ({type(exc).__name__}: "
+        raise ValueError(f"{setting_name('teacher_weights')} {path}: cannot read {file.name} ({type(exc).__name__}: "
                          f"{load_error_reason(exc)})") from exc
     if isinstance(state, dict) and "roles" in state and "format" in state:  # a checkpoint of this package
         roles = state["roles"]
@@ -52,7 +54,8 @@ def read_state_dict(path: str) -> dict[str, Tensor]:
     elif isinstance(state, dict) and isinstance(state.get("state_dict"), dict):  # Lightning and friends
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"--teacher-weights {path}: {file.name} holds no state_dict (a dict of tensors)")
+        raise ValueError(f"{setting_name('teacher_weights')} {path}: {file.name} holds no state_dict (a dict of "
+                         f"tensors)")
     return state
 
 
