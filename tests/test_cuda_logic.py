@@ -35,7 +35,7 @@ def test_cuda_devices_always_carry_their_index(fake_cuda):
     assert T.resolve_device("cuda:0") == torch.device("cuda", 0)
     with pytest.raises(ValueError, match="this machine has 2 CUDA device"):
         T.resolve_device("cuda:5")
-    with pytest.raises(ValueError, match="--device must be auto, cpu, cuda or cuda:N"):
+    with pytest.raises(ValueError, match="device= must be auto, cpu, cuda or cuda:N"):
         T.resolve_device("tpu")
 
 

@@ -88,5 +88,5 @@ def test_teacher_weights_that_do_not_fit_name_the_parameters(tmp_path):
         read_state_dict(str(tmp_path / "junk.pt"))
     with pytest.raises(FileNotFoundError, match="no such file"):
         read_state_dict(str(tmp_path / "missing.pt"))
-    with pytest.raises(ValueError, match="--mode self trains no separate teacher"):
+    with pytest.raises(ValueError, match="mode= self trains no separate teacher"):
         run(tiny(mode="self", model="byot_resnet10", teacher_weights=str(tmp_path / "c100.pt")))

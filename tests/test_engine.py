@@ -227,7 +227,7 @@ def test_the_default_run_reaches_90_percent():
     (dict(mode="self", model="resnet8"), ValueError, "needs a multi-exit model"),
     (dict(model="byot_resnet10"), ValueError, "needs single-exit models"),
     (dict(model="vit_micro_32_distilled"), ValueError, "has a distillation token"),
-    (dict(subset=10**6), ValueError, "--subset .* larger than the training set"),
+    (dict(subset=10**6), ValueError, "subset= .* larger than the training set"),
 ])
 def test_bad_input_is_rejected_with_a_clear_message(extra, error, message):
     with pytest.raises(error, match=message):
