@@ -322,8 +322,8 @@ class Trainer:
         role = self.roles[which]
         counts, loss = self._measure(role)
         accuracy = self.records.accuracy(counts, which)
-        if which == "student" and self.records.improves(accuracy) and self.dist.is_main:
-            self.outputs.best(checkpoint.best_state(self, epochs[-1], accuracy))
+        if which == "student" and self.records.improves(accuracy) and self.dist.is_main and self.outputs.folder:
+            self.outputs.best(checkpoint.best_state(self, epochs[-1], accuracy))  # (a copy of the student's state)
         if self.dist.is_main:
             self.callbacks.on_evaluate(self, {"role": which, "epoch": epochs[-1], "accuracy": accuracy,
                                               "loss": loss, "lr": role.last_lr})
