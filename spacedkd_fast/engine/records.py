@@ -14,6 +14,17 @@ from spacedkd_fast.engine.outputs import summary_table
 
 
 @dataclass
+class RunPosition:
+    """Where the run stands besides the schedule's cursors (the checkpoint's ``position``)."""
+
+    phase: str  # the mode's phase ("teacher", or offline's "student")
+    last_action: str = "student"  # the role that took the last step (overlap alternates)
+    actions: int = 0  # optimizer steps taken
+    images_seen: int = 0  # fresh training images consumed (both phases, all ranks)
+    elapsed_before: float = 0.0  # wall time of the sessions before a resume
+
+
+@dataclass
 class Summary:
     """End-of-run figures (``Trainer.fit``'s return value)."""
 

@@ -68,6 +68,10 @@ _TORCH_WAITS = {"/torch/autograd/": "DDP's gradient all-reduce, in backward",
                 "/torch/distributed/": "a torch.distributed collective"}
 
 
+class TrainingInterrupted(Exception):
+    """Raised by ``fit`` after SIGINT/SIGTERM (or ``request_stop``), once ``last.pt`` is written."""
+
+
 class StopSignals:
     """SIGINT/SIGTERM as stop requests while installed (see the module docstring); inert when created off the main
     thread, where Python cannot install signal handlers (``request_stop`` still works there)."""

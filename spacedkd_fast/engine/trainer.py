@@ -3,8 +3,9 @@
 Where things live (a reader's map of ``spacedkd_fast/engine``): ``modes.py`` (the modes as data: networks and the
 step of each kind of batch), ``build.py`` (config → parts, for whatever the caller did not give), ``feeds.py``
 (fresh batches), ``driver.py`` (the schedule's two cursors, the replay window, the teacher snapshots), ``roles.py``
-(a role and its steps), ``records.py`` (epoch records, the best student), ``checkpoint.py`` (the checkpoint format,
-writing and restoring), ``callbacks.py`` / ``outputs.py`` / ``logs.py`` (what a run writes), and this file: the loop.
+(a role and its steps), ``records.py`` (the run position, epoch records, the best student), ``checkpoint.py``
+(the checkpoint format, writing and restoring), ``stopping.py`` (stop requests), ``callbacks.py`` / ``outputs.py``
+/ ``logs.py`` (what a run writes), and this file: the loop.
 
 Teacher and student are two independent step sequences: the teacher's depends only on the data, the student's only
 on the data and on snapshots taken at fixed teacher iterations (block ends). Any interleaving of the two therefore
@@ -16,7 +17,6 @@ streams that run concurrently, synchronized only by events on the window's batch
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,25 +32,10 @@ from spacedkd_fast.engine.distributed import all_reduce_sum, any_rank
 from spacedkd_fast.engine.outputs import RunOutputs, open_run_folder
 from spacedkd_fast.engine.preflight import check_first_batch
 from spacedkd_fast.engine.progress import Clock, describe_run, log_step, progress_bar
-from spacedkd_fast.engine.records import EpochRecords, Summary
-from spacedkd_fast.engine.stopping import install_stop_signals
+from spacedkd_fast.engine.records import EpochRecords, RunPosition, Summary
+from spacedkd_fast.engine.stopping import TrainingInterrupted, install_stop_signals
 
 STOP_CHECK_EVERY = 8  # DDP: optimizer steps between the ranks' agreements on a stop request (a gloo all-reduce)
-
-
-class TrainingInterrupted(Exception):
-    """Raised by ``fit`` after SIGINT/SIGTERM (or ``request_stop``), once ``last.pt`` is written."""
-
-
-@dataclass
-class RunPosition:
-    """Where the run stands besides the schedule's cursors (the checkpoint's ``position``)."""
-
-    phase: str  # the mode's phase ("teacher", or offline's "student")
-    last_action: str = "student"  # the role that took the last step (overlap alternates)
-    actions: int = 0  # optimizer steps taken
-    images_seen: int = 0  # fresh training images consumed (both phases, all ranks)
-    elapsed_before: float = 0.0  # wall time of the sessions before a resume
 
 
 class Trainer:
