@@ -110,16 +110,14 @@ class BatchSource:
                  rank: int = 0, world: int = 1, backend: str = "torch") -> None:
         n = len(dataset.train_labels)
         if batch_size > n:
-            raise ValueError(f"{setting_name('batch_size')} {batch_size} is larger than the training set ({n} "
-                             f"images of "
-                             f"{dataset.name!r})")
+            raise ValueError(f"{setting_name('batch_size')} {batch_size} is larger than the training set "
+                             f"({n} images of {dataset.name!r})")
         if batch_size % world:
             raise ValueError(f"{setting_name('batch_size')} {batch_size} must be divisible by the number of DDP "
                              f"ranks ({world})")
         if batch_size // world < 2:
             raise ValueError(f"{setting_name('batch_size')} {batch_size} leaves {batch_size // world} sample(s) "
-                             f"per rank; "
-                             f"BatchNorm needs at least 2")
+                             f"per rank; BatchNorm needs at least 2")
         self.dataset = dataset
         self.batch_size = batch_size
         self.seed = seed

@@ -273,17 +273,14 @@ def _check_registry_names(cfg: TrainConfig, mode: Mode) -> None:
     for arch in archs:
         if not arch.startswith(CUSTOM) and is_multi_exit(arch):
             raise ValueError(f"{setting_name('mode')} {cfg.mode} needs single-exit models; {arch!r} is multi-exit "
-                             f"(use it with "
-                             f"{setting_name('mode')} self)")
+                             f"(use it with {setting_name('mode')} self)")
     plain = {a: a.removesuffix("_distilled") for a in (cfg.teacher_arch, cfg.student_arch)}
     if mode.has_teacher and is_distilled(cfg.teacher_arch):
         raise ValueError(f"{setting_name('teacher_model')} {cfg.teacher_arch!r} has a distillation token, which "
-                         f"only a DeiT "
-                         f"student uses; give the teacher the plain ViT ({plain[cfg.teacher_arch]!r})")
+                         f"only a DeiT student uses; give the teacher the plain ViT ({plain[cfg.teacher_arch]!r})")
     if not mode.has_teacher and is_distilled(cfg.student_arch):
         raise ValueError(f"{setting_name('mode')} base trains with CE only; {cfg.student_arch!r}'s distillation "
-                         f"head would "
-                         f"learn nothing (use {plain[cfg.student_arch]!r})")
+                         f"head would learn nothing (use {plain[cfg.student_arch]!r})")
 
 
 def check_outputs(name: str, net: R.FeatureForward, probe: Tensor, *, multi_exit: bool) -> Network:

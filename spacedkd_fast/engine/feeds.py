@@ -313,11 +313,10 @@ class _Streams:
         if "numpy" in streams:
             np.random.set_state(saved.numpy)
 
-    def moved(self, saved: SavedStreams, streams=STREAMS) -> frozenset[str]:
-        """Those of ``streams`` whose state is no longer the saved one (something drew from them)."""
+    def moved(self, saved: SavedStreams, streams) -> frozenset[str]:
+        """Those of ``streams`` (``random``, ``numpy``: torch's is always seeded, ``ALWAYS_SEEDED``) whose state is
+        no longer the saved one (something drew from them)."""
         moved = set()
-        if "torch" in streams and not torch.equal(torch.default_generator.get_state(), saved.torch):
-            moved.add("torch")
         if "random" in streams and random.getstate() != saved.random:
             moved.add("random")
         if "numpy" in streams:
@@ -362,7 +361,7 @@ _STREAMS = _Streams()  # the streams are the process's: one remembered numpy sta
 
 class SampleKeys(NamedTuple):
     """The samples of one batch: dataset ``indices``, the k-th read with the seed ``derive_seed(*seed_prefix, k)``
-    (seeds are derived only when the dataset draws from a global stream)."""
+    (derived by the process that reads the batch)."""
     indices: list[int]
     seed_prefix: tuple
 
