@@ -1,5 +1,7 @@
-// Python bindings of spacedkd_fast._C: argument checks and the module table only; the math is in kd_loss_cpu.cpp.
+// Python bindings of spacedkd_fast._C: argument checks and the module table only; the math is in kd_loss_cpu.cpp
+// (the loss) and seeds.cpp (per-sample seeds).
 #include "kd_loss.h"
+#include "seeds.h"
 
 namespace {
 
@@ -57,6 +59,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("student"), py::arg("teacher"), py::arg("target"), py::arg("temperature"), py::arg("ce_weight"),
         py::arg("kd_weight"), py::arg("label_smoothing"), py::arg("ignore_index"), py::arg("reduction"),
         py::arg("grad_student"), py::arg("grad_teacher"));
+  m.def("derive_seeds", &spacedkd::derive_seeds,
+        "Per-sample seeds: 63 bits of BLAKE2b-64(head + str(k) + ')') for k < count (derive_seed's values).",
+        py::arg("head"), py::arg("count"));
   m.def("release_cached_buffers", &spacedkd::release_cached_buffers,
         "Free the pooled CPU gradient buffers no tensor holds (kept, up to 1 GiB, so a training step reuses them).");
   m.def("cached_buffer_bytes", &spacedkd::cached_buffer_bytes, "Bytes of pooled CPU gradient buffers held for reuse.");

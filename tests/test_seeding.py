@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from spacedkd_fast.data import pipeline
 from spacedkd_fast.data.pipeline import derive_seed, derive_seeds
 from spacedkd_fast.engine import Callback, Trainer, TrainingInterrupted, feeds
 from spacedkd_fast.engine.feeds import LoaderFeed
@@ -187,17 +188,20 @@ def test_a_sample_is_the_dataset_item_under_its_documented_seed(rng):
         assert torch.equal(x[k], data[i][0]), f"sample {k} (index {i})"
 
 
-@pytest.mark.parametrize("numpy_bytes", ["raw bytes", "get_state only"])
-def test_reading_batches_leaves_the_main_process_streams_as_they_were(monkeypatch, numpy_bytes):
+@pytest.mark.parametrize("raw_bytes", ["raw bytes", "get_state only"])
+def test_reading_batches_leaves_the_main_process_streams_as_they_were(monkeypatch, raw_bytes):
     """The roles' torch stream is the default generator while a batch is read, and the user's own code may draw
     from ``random`` and numpy between batches: every stream continues as if no batch had been read, cached
     Gaussians included (numpy's and ``random``'s keep the second value of a pair). numpy's state is saved with
-    ``get_state()`` only when its raw bytes moved or a Gaussian is cached; without the raw bytes (a numpy whose
-    layout is not the expected one), always."""
-    if numpy_bytes == "get_state only":
+    ``get_state()`` only when its raw bytes moved or a Gaussian is cached, ``random``'s with ``getstate()`` only when
+    its raw bytes or cached Gaussian moved; without the raw bytes (a numpy or an interpreter whose layout is not
+    the expected one), always."""
+    if raw_bytes == "get_state only":
         monkeypatch.setattr(feeds, "_numpy_raw_state", lambda: None)
+        monkeypatch.setattr(feeds, "_random_raw_state", lambda: None)
     else:
         assert feeds._numpy_raw_state() is not None, "this numpy's MT19937 bytes were not recognized"
+        assert feeds._random_raw_state() is not None, "this interpreter's random object layout was not recognized"
     feed = LoaderFeed(Augmented(64, "numpy"), batch_size=16, eval_batch_size=16, seed=0, device=torch.device("cpu"))
     other = LoaderFeed(Augmented(64, "random"), batch_size=16, eval_batch_size=16, seed=0, device=torch.device("cpu"))
 
@@ -221,24 +225,39 @@ def test_reading_batches_leaves_the_main_process_streams_as_they_were(monkeypatc
 
     reference = draws(lambda i: None)
     calls = []
-    real_get_state = np.random.get_state
-    monkeypatch.setattr(np.random, "get_state", lambda *a, **k: calls.append(1) or real_get_state(*a, **k))
+    real_get_state, real_getstate = np.random.get_state, random.getstate
+    monkeypatch.setattr(np.random, "get_state", lambda *a, **k: calls.append("numpy") or real_get_state(*a, **k))
+    monkeypatch.setattr(random, "getstate", lambda: calls.append("random") or real_getstate())
     assert draws(read) == reference
-    # Once numpy's state is known (its bytes as a read left them, no Gaussian cached), a read with nothing drawn
-    # before it asks for no get_state() (not for the save, nor to see whether the dataset drew from numpy).
+    # Once the states are known (their bytes as a read left them, no Gaussian cached in numpy's), a read with
+    # nothing drawn before it asks for no get_state() / getstate() (not for the save, nor to see whether the
+    # dataset drew from the stream).
     np.random.seed(5)
+    random.seed(6)
     read(4)
     calls.clear()
     read(5)
     read(6)
-    assert (len(calls) == 0) == (numpy_bytes == "raw bytes"), f"{len(calls)} get_state() calls"
+    if raw_bytes == "raw bytes":
+        assert not calls, f"state reads: {calls}"
+    else:
+        assert {"numpy", "random"} <= set(calls), f"state reads: {calls}"
 
 
-def test_derive_seeds_are_derive_seeds_values():
+@pytest.mark.parametrize("implementation", ["C++ extension", "hashlib"])
+def test_derive_seeds_are_derive_seeds_values(implementation, monkeypatch):
     """The per-sample seeds are derived from a shared prefix's text: the values must stay ``derive_seed``'s (a run
-    resumed by a newer version fetches the same batches again)."""
-    for prefix in [(0, "sample", 5, 0), (2**62 + 7, "sample", 123456, 3), ("it's", -1)]:
-        assert derive_seeds(*prefix, count=70) == [derive_seed(*prefix, k) for k in range(70)]
+    resumed by a newer version fetches the same batches again), from the extension's BLAKE2b and from hashlib's,
+    for prefixes whose text fills none, one or several of BLAKE2b's 128-byte blocks (and ends on their edges)."""
+    if implementation == "C++ extension":
+        assert pipeline._native_derive_seeds() is not None, "the C++ extension (or its derive_seeds) is not built"
+    else:
+        monkeypatch.setattr(pipeline, "_native_derive_seeds", lambda: None)
+    prefixes = [(0, "sample", 5, 0), (2**62 + 7, "sample", 123456, 3), ("it's", -1), ("é✓",)]
+    prefixes += [(0, "x" * length) for length in (100, 113, 114, 115, 116, 117, 200, 241, 242, 243, 500)]
+    for prefix in prefixes:
+        assert derive_seeds(*prefix, count=70) == [derive_seed(*prefix, k) for k in range(70)], prefix
+    assert derive_seeds(0, "sample", count=0) == []
     with pytest.raises(ValueError, match="at least one prefix part"):
         derive_seeds(count=3)
 

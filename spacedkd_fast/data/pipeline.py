@@ -19,6 +19,7 @@ picks DALI on a GPU when it is installed, torch otherwise.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Iterator
@@ -47,15 +48,29 @@ def derive_seed(*parts: int | str) -> int:
 
 
 def derive_seeds(*prefix: int | str, count: int) -> list[int]:
-    """``[derive_seed(*prefix, k) for k in range(count)]``, the same values at half the cost: the text of the shared
-    prefix (``repr`` of the tuple up to its last item) is built once. The per-sample seeds of a user's batch are
-    derived this way on every fetch (about 1 µs a seed instead of 2)."""
+    """``[derive_seed(*prefix, k) for k in range(count)]``, the same values without a Python call per seed: the
+    text of the shared prefix (``repr`` of the tuple up to its last item) is built once, and the C++ extension
+    hashes the ``count`` texts (~0.2 µs a seed, against ~0.6 µs for ``hashlib`` here, which runs where the
+    extension is not built). The per-sample seeds of a user's batch are derived this way on every fetch."""
     if not prefix:
         raise ValueError("derive_seeds needs at least one prefix part (repr of a 1-tuple has its own form)")
-    head = ("(" + ", ".join(map(repr, prefix)) + ", ").encode()
-    blake2b, from_bytes = hashlib.blake2b, int.from_bytes
-    return [from_bytes(blake2b(head + b"%d)" % k, digest_size=8).digest(), "little") & _SEED_MASK
+    head = "(" + ", ".join(map(repr, prefix)) + ", "
+    native = _native_derive_seeds()
+    if native is not None:
+        return native(head, count)
+    head_bytes, blake2b, from_bytes = head.encode(), hashlib.blake2b, int.from_bytes
+    return [from_bytes(blake2b(head_bytes + b"%d)" % k, digest_size=8).digest(), "little") & _SEED_MASK
             for k in range(count)]
+
+
+@functools.cache
+def _native_derive_seeds():
+    """The C++ extension's ``derive_seeds(head, count)``, or None (not built, or built before it had one)."""
+    if not backends.cpp_extension().available:
+        return None
+    from spacedkd_fast import _C
+
+    return getattr(_C, "derive_seeds", None)
 
 
 @dataclass(frozen=True)

@@ -275,6 +275,7 @@ class SavedStreams(NamedTuple):
     random: tuple
     numpy: tuple  # numpy's get_state(), key as a list (set_state is 15x faster with a list)
     numpy_raw: bytes | None  # ... and its raw bytes, where they can be read
+    random_raw: tuple | None = None  # random's raw state and cached Gaussian, where they can be read
 
 
 class _Streams:
@@ -284,32 +285,39 @@ class _Streams:
     were read. In every process, a stream that moved while no seed had been set for it tells that the dataset
     draws from it (:class:`_SeededSamples`).
 
-    numpy's ``get_state()`` costs ~40 µs (it copies its 624 words one by one), most of a batch's save. It is
-    skipped when numpy's MT19937 words and position are, byte for byte (read through the bit generator's
-    ``ctypes.state_address``, ~0.5 µs), those of the state ``get_state()`` returned last time: every draw moves
-    them, so between two batches that nothing drew from numpy (the usual case) the state is known. A cached
-    second Gaussian of a pair is not in those bytes, so the shortcut needs none cached in the state it reuses
-    (the one change it cannot see: ``np.random.set_state`` to the very same words with a Gaussian cached). The
-    bytes' layout is checked once against ``get_state()``; where it does not match, ``get_state()`` always runs.
+    Reading a state is what a batch's save costs: numpy's ``get_state()`` ~40 µs (it copies its 624 words one by
+    one), ``random.getstate()`` ~10 µs (a tuple of 625 ints), twice a batch with the comparison after it. Both are
+    skipped when the stream's raw words and position are, byte for byte (read through ctypes, ~0.5 µs), those of
+    the state read last time: every draw moves them, so between two batches that nothing drew from a stream (the
+    usual case) its state is known. A cached second Gaussian of a pair is not in those bytes: numpy's shortcut
+    needs none cached in the state it reuses (the one change it cannot see: ``np.random.set_state`` to the very
+    same words with a Gaussian cached), ``random``'s compares ``gauss_next`` too. The bytes' layout is checked once
+    against ``get_state()`` / ``getstate()``; where it does not match, the full read always runs.
     """
 
     def __init__(self) -> None:
         self._numpy: tuple | None = None  # the state get_state() returned last
         self._numpy_raw: bytes | None = None  # ... and its raw bytes
+        self._random: tuple | None = None  # the state random.getstate() returned last
+        self._random_raw: tuple | None = None  # ... and its raw bytes with gauss_next
 
     def save(self) -> SavedStreams:
         numpy_raw = _numpy_raw_state()
         if numpy_raw is None or numpy_raw != self._numpy_raw or self._numpy[3]:
             name, key, pos, has_gauss, gauss = np.random.get_state()
             self._numpy, self._numpy_raw = (name, key.tolist(), pos, has_gauss, gauss), numpy_raw
-        return SavedStreams(torch.default_generator.get_state(), random.getstate(), self._numpy, numpy_raw)
+        random_raw = _random_raw_state()
+        if random_raw is None or random_raw != self._random_raw:
+            self._random, self._random_raw = random.getstate(), random_raw
+        return SavedStreams(torch.default_generator.get_state(), self._random, self._numpy, numpy_raw, random_raw)
 
     def restore(self, saved: SavedStreams, streams=STREAMS) -> None:
-        """Back to the ``streams`` of a :meth:`save` (its own numpy state: saves may nest)."""
+        """Back to the ``streams`` of a :meth:`save` (its own states: saves may nest)."""
         if "torch" in streams:
             torch.default_generator.set_state(saved.torch)
         if "random" in streams:
             random.setstate(saved.random)
+            self._random, self._random_raw = saved.random, saved.random_raw
         if "numpy" in streams:
             np.random.set_state(saved.numpy)
 
@@ -317,8 +325,10 @@ class _Streams:
         """Those of ``streams`` (``random``, ``numpy``: torch's is always seeded, ``ALWAYS_SEEDED``) whose state is
         no longer the saved one (something drew from them)."""
         moved = set()
-        if "random" in streams and random.getstate() != saved.random:
-            moved.add("random")
+        if "random" in streams:
+            raw = _random_raw_state() if saved.random_raw is not None else None
+            if (raw != saved.random_raw) if raw is not None else (random.getstate() != saved.random):
+                moved.add("random")
         if "numpy" in streams:
             raw = _numpy_raw_state() if saved.numpy_raw is not None and not saved.numpy[3] else None
             if raw is not None:  # no Gaussian was cached: any draw moved the words or the position
@@ -329,6 +339,33 @@ class _Streams:
             if changed:
                 moved.add("numpy")
         return frozenset(moved)
+
+
+def _random_raw_reader():
+    """``() -> (bytes, gauss_next)`` of the global ``random`` generator: its MT19937 position and words, read from
+    the object's memory (CPython's ``RandomObject``: the object header, ``int index``, ``uint32_t state[624]``),
+    and its cached Gaussian; or None where that memory does not hold what ``getstate()`` reports (another
+    interpreter or layout): then the caller always asks ``getstate()``."""
+    import ctypes
+    import struct
+
+    try:
+        generator = random._inst
+        address = id(generator) + object.__basicsize__  # past the header: refcount and type
+        size = 4 + 624 * 4
+        saved = random.getstate()
+        try:
+            random.seed(12345)
+            random.random()  # the position moves off 624
+            words = random.getstate()[1]  # (state[0..623], index)
+            expected = struct.pack("<i624I", words[-1], *words[:-1])
+            if ctypes.string_at(address, size) != expected:
+                return None
+        finally:
+            random.setstate(saved)
+    except Exception:  # noqa: BLE001 - any interpreter without this layout: the slow path is always correct
+        return None
+    return lambda: (ctypes.string_at(address, size), generator.gauss_next)
 
 
 def _numpy_raw_reader():
@@ -356,6 +393,7 @@ def _numpy_raw_reader():
 
 
 _numpy_raw_state = _numpy_raw_reader() or (lambda: None)
+_random_raw_state = _random_raw_reader() or (lambda: None)
 _STREAMS = _Streams()  # the streams are the process's: one remembered numpy state for every feed
 
 
