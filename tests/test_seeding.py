@@ -330,3 +330,18 @@ def test_a_stream_first_drawn_late_is_seeded_from_then_on():
     LoaderFeed(DataLoader(LateNumpy(64, 0), batch_size=16, shuffle=False), batch_size=16, eval_batch_size=16, seed=7,
                device=torch.device("cpu"))._fetch(0)
     assert np.random.uniform() == expected
+
+
+def test_the_samplers_random_seeding_is_random_seed():
+    """The sampler seeds ``random`` through the C generator's own seed (skipping ``Random.seed``'s Python wrapper):
+    the state, the cached Gaussian (dropped) and the draws after it are those of ``random.seed(s)``."""
+    assert feeds._seed_random is not random.seed, "this interpreter's random module is not the C generator's"
+    for s in (0, 1, 2**32 - 1, 2**32, 2**62 + 12345, derive_seed(0, "sample", 3, 0, 7)):
+        random.seed(99)
+        random.gauss(0.0, 1.0)  # a second Gaussian is cached: seeding must drop it
+        feeds._seed_random(s)
+        fast = (random.getstate(), random.gauss(0.0, 1.0), random.random())
+        random.seed(99)
+        random.gauss(0.0, 1.0)
+        random.seed(s)
+        assert (random.getstate(), random.gauss(0.0, 1.0), random.random()) == fast, s
