@@ -226,7 +226,16 @@ def test_all_masked_teacher_row_is_nan(backend):
     assert torch.isnan(rows[2]) and torch.isfinite(rows[[1, 3]]).all()
 
 
-# ---- the Triton-compile fallback ------------------------------------------------------------------------------
+# ---- float64 and the Triton-compile fallback ------------------------------------------------------------------
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("where", ["both", "teacher"])
+def test_float64_masked(where, label_smoothing):
+    s, t, y = masked_inputs(where, torch.float64)
+    out, _ = check_against_reference(s, t, y, backend="auto", teacher_grad=True, temperature=2.0,
+                                     label_smoothing=label_smoothing)
+    assert out.dtype == torch.float64 and torch.isfinite(out)
+
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("where", ["both", "teacher"])

@@ -33,7 +33,7 @@ def kd_loss(
     Args:
         student_logits: ``(..., V)`` logits, or ``(K, ..., V)`` for K students of one teacher (all K losses in one
             launch, the teacher read once: self-KD exits learning from the deepest exit). float32, bfloat16 or
-            float16 (float64 runs on the reference); any strides, no forced copy.
+            float16 (float64 runs on the reference, in float64); any strides, no forced copy.
         teacher_logits: ``(..., V)`` logits. Treated as detached unless ``teacher_grad=True``.
         target: ``(...)`` integer class indices with the teacher's leading shape, or None for the KL term
             alone (``loss = T²·KL``; α is not applied).
@@ -41,7 +41,7 @@ def kd_loss(
         alpha: weight of the KL term, in [0, 1].
         label_smoothing: ε in [0, 1) for the CE term.
         ignore_index: rows with this label contribute zero loss and zero gradient.
-        reduction: "mean" (over non-ignored rows, no host sync), "sum", or "none" (per-row fp32 losses).
+        reduction: "mean" (over non-ignored rows, no host sync), "sum", or "none" (per-row losses).
         t_squared: multiply the KL term by T² (Hinton et al.); False reproduces recipes that omit it (the official
             Spaced-KD self-KD code).
         teacher_grad: also give the teacher logits their gradient (mutual learning).
@@ -50,7 +50,8 @@ def kd_loss(
             log line, once); an explicit "triton" raises instead.
 
     Returns:
-        fp32 loss: ``()`` for mean/sum (``(K,)`` with K students); ``(...)`` for none (``(K, ...)``).
+        The loss, float32 (float64 when either logits tensor is float64): ``()`` for mean/sum (``(K,)`` with K
+        students); ``(...)`` for none (``(K, ...)``). Gradients have the dtype of their input.
 
     Raises:
         TypeError / ValueError naming the argument, for bad shapes, dtypes, labels, or hyperparameters.
@@ -71,7 +72,7 @@ def kd_loss_with(student_logits: Tensor, teacher_logits: Tensor, target: Tensor 
     if problem.target is not None and chosen != "cpp":  # the C++ kernel checks the labels in its own pass
         check_target_values(problem.target, problem.vocab, options.ignore_index)
     if chosen == "torch":
-        return rows_reduced_reference(problem, options, rows_dtype=torch.float32)
+        return rows_reduced_reference(problem, options)  # float64 stays float64
     return fused_kd_loss(problem, options, backend=chosen, allow_fallback=backend == "auto")
 
 

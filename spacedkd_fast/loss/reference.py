@@ -38,9 +38,10 @@ U is the whole vocabulary and CE_ε is ``F.cross_entropy(..., label_smoothing=ε
   them 0 like every ignored row; with ``target=None`` there is no way to ignore a row.
 * NaN and +inf logits propagate: that row's loss and gradient are not finite.
 
-**dtypes**: float64 inputs are computed in float64, every other dtype in float32 (the kernels' accumulation
-dtype). In the float32 kernels a teacher probability below float32's smallest normal relative to the row's largest
-(a logit about 87·T below the teacher's max) underflows to 0 and counts as no mass.
+**dtypes**: float64 inputs (student or teacher) are computed in float64 and give a float64 loss and float64
+gradients; every other dtype is computed in float32 (the kernels' accumulation dtype) and gives a float32 loss and
+gradients in the input's dtype. In the float32 kernels a teacher probability below float32's smallest normal
+relative to the row's largest (a logit about 87·T below the teacher's max) underflows to 0 and counts as no mass.
 
 This module is the torch backend of :func:`spacedkd_fast.kd_loss`, the oracle every test compares the Triton and
 C++ kernels against (in float64), and the baseline of every benchmark. It is written for clarity, not speed.
@@ -168,11 +169,11 @@ def kd_loss_reference(
     return rows_reduced_reference(problem, options)
 
 
-def rows_reduced_reference(problem: KDProblem, options: KDOptions, rows_dtype: torch.dtype | None = None) -> Tensor:
-    """The reference loss of a checked problem, in its public shape (the "torch" backend of ``kd_loss``, which
-    reduces fp32 rows: ``rows_dtype``)."""
+def rows_reduced_reference(problem: KDProblem, options: KDOptions) -> Tensor:
+    """The reference loss of a checked problem, in its public shape (the "torch" backend of ``kd_loss``): float64
+    for float64 inputs, float32 otherwise."""
     teacher = problem.teacher_rows()
     if not options.teacher_grad:
         teacher = teacher.detach()
     rows = kd_loss_rows_reference(problem.student_rows(), teacher, problem.target, options)
-    return reduce_rows(rows if rows_dtype is None else rows.to(rows_dtype), problem, options.reduction)
+    return reduce_rows(rows, problem, options.reduction)
