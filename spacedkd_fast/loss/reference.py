@@ -38,6 +38,15 @@ U is the whole vocabulary and CE_ε is ``F.cross_entropy(..., label_smoothing=ε
   them 0 like every ignored row; with ``target=None`` there is no way to ignore a row.
 * NaN and +inf logits propagate: that row's loss and gradient are not finite.
 
+**Vocabulary mismatch** (``vocab_mismatch``): the vocabulary is the student's, V = Vs (its last dimension; labels
+are in ``[0, Vs)``). A teacher with Vt > Vs raises by default (a silent truncation could hide a tokenizer mismatch);
+``vocab_mismatch="truncate"`` restricts the teacher's distribution to the student's ids ``0..Vs−1`` and renormalizes
+it, which is exactly ``softmax(t[..., :Vs] / T)``: the teacher logits are sliced, as a strided view (no copy), and
+the teacher mass on ids ≥ Vs is dropped. It is right when both tokenizers agree on ids ``0..Vs−1`` and the teacher's
+extra ids are padding or tokens the student lacks (e.g. Qwen2.5 heads of 152064 and 151936 rows). The teacher
+gradient of the columns ``Vs..Vt−1`` is 0. A teacher with Vt < Vs always raises (pad it with −inf, probability 0,
+if that is what is meant).
+
 **dtypes**: float64 inputs (student or teacher) are computed in float64 and give a float64 loss and float64
 gradients; every other dtype is computed in float32 (the kernels' accumulation dtype) and gives a float32 loss and
 gradients in the input's dtype. In the float32 kernels a teacher probability below float32's smallest normal
@@ -156,6 +165,7 @@ def kd_loss_reference(
     reduction: str = "mean",
     t_squared: bool = True,
     teacher_grad: bool = False,
+    vocab_mismatch: str = "error",
 ) -> Tensor:
     """The spec, with the public signature of :func:`spacedkd_fast.kd_loss` (minus ``backend``).
 
@@ -164,7 +174,7 @@ def kd_loss_reference(
     """
     options = KDOptions(temperature=temperature, alpha=alpha, label_smoothing=label_smoothing,
                         ignore_index=ignore_index, reduction=reduction, t_squared=t_squared,
-                        teacher_grad=teacher_grad)
+                        teacher_grad=teacher_grad, vocab_mismatch=vocab_mismatch)
     problem = canonicalize(student_logits, teacher_logits, target, options)
     return rows_reduced_reference(problem, options)
 
