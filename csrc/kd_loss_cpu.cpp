@@ -150,18 +150,28 @@ SPACEDKD_HOT float exp_shifted(const float* __restrict x, int64_t n8, float ref,
   return static_cast<float>(total);
 }
 
-// Σ x[j] over exactly n elements (no padding assumed).
-SPACEDKD_HOT float row_sum(const float* __restrict x, int64_t n) {
-  double total = 0.0;
-  const int64_t n_full = n - n % kLanes;
-  for (int64_t c = 0; c < n_full; c += kChunk) {
-    const int64_t end = c + kChunk < n_full ? c + kChunk : n_full;
-    f8 z = splat(0.0f);
-    for (int64_t j = c; j < end; j += kLanes) z += load8(x + j);
+struct MaskedSum {
+  float sum;    // Σ x[j] over the unmasked entries (x[j] != -inf)
+  float count;  // how many there are
+};
+
+// The sum and the count of the entries that are not -inf (masked tokens; the -inf padding up to n8 included).
+// NaN and +inf are counted, so they propagate.
+SPACEDKD_HOT MaskedSum masked_row_sum(const float* __restrict x, int64_t n8) {
+  double total = 0.0, count = 0.0;
+  for (int64_t c = 0; c < n8; c += kChunk) {
+    const int64_t end = c + kChunk < n8 ? c + kChunk : n8;
+    f8 z = splat(0.0f), k = splat(0.0f);
+    for (int64_t j = c; j < end; j += kLanes) {
+      const f8 v = load8(x + j);
+      const i8 kept = v != kNegInf;
+      z += kept ? v : splat(0.0f);
+      k += kept ? splat(1.0f) : splat(0.0f);
+    }
     total += hsum(z);
+    count += hsum(k);
   }
-  for (int64_t j = n_full; j < n; ++j) total += x[j];
-  return static_cast<float>(total);
+  return {static_cast<float>(total), static_cast<float>(count)};
 }
 
 struct StudentStats {
@@ -217,18 +227,23 @@ SPACEDKD_HOT StudentStats student_stats(const float* __restrict s, const float* 
   return {static_cast<float>(z1), static_cast<float>(temp_is_one ? z1 : zT), static_cast<float>(a)};
 }
 
-// g = ce_coef·(e1/z1 − ε/V) − hit·onehot(label) + kd_coef·(eT/zT − et/zt); a term whose coefficient is 0 is
-// skipped, label < 0 means none. Writes exactly n values (the inputs are padded to a multiple of 8, g need not be),
-// so g may be the output row. `stream`: write around the caches (non-temporal stores), for outputs too large to be
-// cached still when they are read.
+// g = ce_coef·(e1/z1 − smooth·[s ≠ −inf]) − hit·onehot(label) + kd_coef·(eT/zT − et/zt); a term whose coefficient
+// is 0 is skipped, label < 0 means none. `smooth` = ε/|U| goes to the unmasked tokens U only: `masked_s` is the
+// student row to test for −inf, or null when the row has no masked token (then every token gets it, no test).
+// Writes exactly n values (the inputs are padded to a multiple of 8, g need not be), so g may be the output row.
+// `stream`: write around the caches (non-temporal stores), for outputs too large to be cached still when read.
 SPACEDKD_HOT void student_grad(const float* __restrict e1, const float* __restrict eT, const float* __restrict et,
-                               int64_t n, float ce_coef, float inv_z1, float smooth, float kd_coef, float inv_zT,
-                               float inv_zt, bool has_ce, bool has_kd, int64_t label, float hit, bool stream,
-                               float* __restrict g) {
+                               const float* __restrict masked_s, int64_t n, float ce_coef, float inv_z1,
+                               float smooth, float kd_coef, float inv_zT, float inv_zt, bool has_ce, bool has_kd,
+                               int64_t label, float hit, bool stream, float* __restrict g) {
   stream = stream && reinterpret_cast<uintptr_t>(g) % 16 == 0;
   for (int64_t j = 0; j < n; j += kLanes) {
     f8 v = splat(0.0f);
-    if (has_ce) v += ce_coef * (load8(e1 + j) * inv_z1 - smooth);
+    if (has_ce) {
+      f8 sm = splat(smooth);
+      if (masked_s != nullptr) sm = load8(masked_s + j) != kNegInf ? sm : splat(0.0f);
+      v += ce_coef * (load8(e1 + j) * inv_z1 - sm);
+    }
     if (has_kd) v += kd_coef * (load8(eT + j) * inv_zT - load8(et + j) * inv_zt);
     if (label >= j && label < j + kLanes) v[label - j] -= hit;
     if (j + kLanes <= n) {
@@ -291,7 +306,6 @@ void run(const at::Tensor& student, const at::Tensor& teacher, const int64_t* ta
                             1.0f / static_cast<float>(static_cast<int>(temperature)) == p.inv_temperature)
                                ? static_cast<int>(temperature)
                                : 0;
-  const float smooth = p.label_smoothing / static_cast<float>(V);
   const float ce_coef = p.ce_weight * p.grad_scale;
   const float kd_coef = p.kd_weight * p.inv_temperature * p.grad_scale;
   const float kd_t_coef = kd_coef * p.inv_temperature;
@@ -342,9 +356,19 @@ void run(const at::Tensor& student, const at::Tensor& teacher, const int64_t* ta
 
         float row_loss = 0.0f;
         const float log_z1 = std::log(z1);
+        // Label smoothing spreads ε over the unmasked tokens U (student logit > −inf): ε/|U| each, and the CE
+        // term uses the mean of s over U. |U| = V (no test in the gradient) unless the row masks a token.
+        float smooth_row = 0.0f;
+        const float* masked_s = nullptr;
         if (has_ce) {
           const float s_y = s[y];  // labels were checked: 0 <= y < V
-          const float mean_s = p.label_smoothing != 0.0f ? row_sum(s, V) / static_cast<float>(V) : 0.0f;
+          float mean_s = 0.0f;
+          if (p.label_smoothing != 0.0f) {
+            const MaskedSum unmasked = masked_row_sum(s, n8);
+            mean_s = unmasked.sum / unmasked.count;
+            smooth_row = p.label_smoothing / unmasked.count;
+            if (unmasked.count != static_cast<float>(V)) masked_s = s;
+          }
           const float ce = (1.0f - p.label_smoothing) * (ref_s - s_y + log_z1) +
                            p.label_smoothing * (ref_s - mean_s + log_z1);
           row_loss += p.ce_weight * ce;
@@ -358,8 +382,8 @@ void run(const at::Tensor& student, const at::Tensor& teacher, const int64_t* ta
         if (gs_ptr) {
           // A float32 gradient is written in place; other dtypes go through the scratch row and convert.
           float* g = std::is_same_v<S, float> ? reinterpret_cast<float*>(gs_ptr + out_row * V) : buf.g.data();
-          student_grad(buf.e1.data(), eT, buf.et.data(), V, ce_coef, 1.0f / z1, smooth, kd_coef, 1.0f / zT,
-                       1.0f / zt, has_ce, has_kd, has_ce ? y : -1, ce_coef * (1.0f - p.label_smoothing),
+          student_grad(buf.e1.data(), eT, buf.et.data(), masked_s, V, ce_coef, 1.0f / z1, smooth_row, kd_coef,
+                       1.0f / zT, 1.0f / zt, has_ce, has_kd, has_ce ? y : -1, ce_coef * (1.0f - p.label_smoothing),
                        stream_grad && std::is_same_v<S, float>, g);
           if constexpr (!std::is_same_v<S, float>) store_row(g, V, gs_ptr + out_row * V);
         }

@@ -8,14 +8,18 @@ with respect to the student logits (and the teacher logits). Math, per row (s st
         m_t = max t          Zt = Σ exp((t − m_t)/T)
         A   = Σ exp((t − m_t)/T) · d,   d = (t − m_t) − (s − m_s)                      (logit-difference KL form)
         KL  = A / (T·Zt) + log ZT − log Zt                                             (no per-element log)
-        CE  = (1−ε)·(m_s − s_y + log Z1) + ε·(m_s − mean(s) + log Z1)
+        CE  = (1−ε)·(m_s − s_y + log Z1) + ε·(m_s − mean_U(s) + log Z1)                U: tokens with s > −inf
     pass 2 (column blocks in reverse order, so the first blocks re-read are the ones still in cache):
-        ∂/∂s = (1−α)·(exp(s − m_s)/Z1 − (1−ε)·onehot(y) − ε/V) + (α·c/T)·(exp((s − m_s)/T)/ZT − p_t)
+        ∂/∂s = (1−α)·(exp(s − m_s)/Z1 − (1−ε)·onehot(y) − ε·1_U/|U|) + (α·c/T)·(exp((s − m_s)/T)/ZT − p_t)
         ∂/∂t = (α·c/T²) · p_t · (d − A/Zt),      p_t = exp((t − m_t)/T)/Zt
 
 Measuring d against the row maxima keeps the KL accurate for huge logits (1e4 at T = 0.05): where the
 student equals the teacher up to a shift, every d is exactly 0. When a row fits in one block the kernel makes a
 single pass: the row stays in registers between the statistics and the gradient.
+
+Masked tokens (−inf logits, see the reference) cost no branch: a term whose teacher weight is 0 is selected away
+before it can be 0·inf or −inf − (−inf), a fully masked block keeps the finite stand-in maxima, and label smoothing
+counts the student logits that are not −inf (|U|) beside their sum.
 
 A program owns a tile ``[ROWS, KP, BV]``: ROWS teacher rows × the K students that learn from them (KP = K
 rounded up to a power of 2) × BV columns. The teacher block is loaded once as ``[ROWS, 1, BV]`` and broadcast over
@@ -108,7 +112,11 @@ def _kd_tile(
         else:
             eT = tl.exp2(xs * scale_s)
             zT = tl.sum(eT, axis=2)
-        sum_s = tl.sum(tl.where(cmask & load_rk, s, 0.0), axis=2)
+        # Label smoothing covers the unmasked tokens only: the sum and count of the logits that are not −inf
+        # (masked tokens; masked-off lanes, rows and students were loaded as −inf too).
+        unmasked = s != neg_inf
+        sum_s = tl.sum(tl.where(unmasked, s, 0.0), axis=2)
+        n_unmasked = tl.sum(unmasked.to(tl.float32), axis=2)
         if HAS_KD:
             t = tl.load(t_row + _columns(cols, 0, COL64) * t_sv, mask=load_r & cmask,
                         other=neg_inf).to(tl.float32)
@@ -123,6 +131,7 @@ def _kd_tile(
         z1 = tl.zeros([ROWS, KP], tl.float32)
         zT = tl.zeros([ROWS, KP], tl.float32)
         sum_s = tl.zeros([ROWS, KP], tl.float32)
+        n_unmasked = tl.zeros([ROWS, KP], tl.float32)
         m_t = tl.full([ROWS, 1], neg_inf, tl.float32)
         zt = tl.zeros([ROWS, 1], tl.float32)
         a_acc = tl.zeros([ROWS, KP], tl.float32)
@@ -144,7 +153,9 @@ def _kd_tile(
                 zT = z1
             else:
                 zT = zT * tl.exp2((m_s - ref_s) * scale_s) + tl.sum(tl.exp2(xs * scale_s), axis=2)
-            sum_s += tl.sum(tl.where(cmask & load_rk, s, 0.0), axis=2)
+            unmasked = s != neg_inf  # see the one-block path
+            sum_s += tl.sum(tl.where(unmasked, s, 0.0), axis=2)
+            n_unmasked += tl.sum(unmasked.to(tl.float32), axis=2)
             if HAS_KD:
                 t = tl.load(t_row + _columns(cols, v0, COL64) * t_sv, mask=load_r & cmask,
                             other=neg_inf).to(tl.float32)
@@ -156,7 +167,9 @@ def _kd_tile(
                 # (ref_s − ref_t), then rescale their weights like Zt. Where Zt is still 0 there is nothing to shift.
                 shift = (ref_s - prev_ref_s) - (ref_t - prev_ref_t)
                 rescale_t = tl.exp2((m_t - ref_t) * scale_s)
-                a_acc = rescale_t * (a_acc + tl.where(zt > 0.0, zt * shift, 0.0))
+                # Old terms whose weights underflow to 0 are dropped, as the one-block path drops them, also when
+                # they summed to +inf (teacher mass on a masked token): never 0 · inf.
+                a_acc = tl.where(rescale_t == 0.0, 0.0, rescale_t * (a_acc + tl.where(zt > 0.0, zt * shift, 0.0)))
                 a_acc += tl.sum(tl.where(et == 0.0, 0.0, et * (xt - xs)), axis=2)
                 zt = zt * rescale_t + tl.sum(et, axis=2)
                 m_t = new_m_t
@@ -174,7 +187,7 @@ def _kd_tile(
         s_y = tl.load(s_ptr + (r0 * s_s0 + r1 * s_s1)[:, None] + (ks.to(tl.int64) * s_sk)[None, :]
                       + (safe_y * s_sv)[:, None], mask=valid[:, None] & k_in[None, :], other=0.0).to(tl.float32)
         ce = (1.0 - label_smoothing) * (m_s - s_y + log_z1)
-        ce += label_smoothing * (m_s - sum_s / V + log_z1)
+        ce += label_smoothing * (m_s - sum_s / n_unmasked + log_z1)
         loss += ce_weight * ce
     if HAS_KD:
         inv_zt = 1.0 / zt
@@ -201,7 +214,7 @@ def _kd_tile(
         kd_s = kd_weight * inv_temp * grad_scale
         kd_t = kd_weight * inv_temp * inv_temp * grad_scale
         ce_s = ce_weight * grad_scale
-        smooth = label_smoothing / V
+        smooth = (label_smoothing / n_unmasked)[:, :, None]  # ε/|U| on each unmasked token, 0 on masked ones
         n_blocks = tl.cdiv(V, BV)
         for i in range(0, n_blocks):
             v0 = (n_blocks - 1 - i) * BV
@@ -216,7 +229,8 @@ def _kd_tile(
             if HAS_CE:
                 e1b = tl.exp2(xs * LOG2E)
                 hit = (cols + v0) == y[:, None, None]
-                g += ce_s * (e1b * inv_z1 - tl.where(hit, 1.0 - label_smoothing, 0.0) - smooth)
+                g += ce_s * (e1b * inv_z1 - tl.where(hit, 1.0 - label_smoothing, 0.0)
+                             - tl.where(s_blk != neg_inf, smooth, 0.0))
             if HAS_KD:
                 if ONE_BLOCK:
                     t_blk = t

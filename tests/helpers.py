@@ -12,8 +12,11 @@ from spacedkd_fast import kd_loss, kd_loss_reference
 # Low-precision gradients are rounded to their dtype once in the kernel and once by the grad_output multiply:
 # two half-ulps of bf16 (2^-9) / fp16 (2^-12), with margin; the Triton interpreter truncates to bf16 instead of
 # rounding (one full ulp, 2^-8), which the bf16 rtol also covers.
-LOSS_TOL = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (2e-5, 2e-5), torch.float16: (2e-5, 2e-5)}
-GRAD_TOL = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (1e-2, 2e-3), torch.float16: (2e-3, 3e-4)}
+# float64 inputs run on the reference in float64: the same computation as the oracle, up to summation order.
+LOSS_TOL = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (2e-5, 2e-5), torch.float16: (2e-5, 2e-5),
+            torch.float64: (1e-12, 1e-12)}
+GRAD_TOL = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (1e-2, 2e-3), torch.float16: (2e-3, 3e-4),
+            torch.float64: (1e-12, 1e-12)}
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -65,12 +68,13 @@ def check_against_reference(student, teacher, target=None, *, backend, grad_outp
 
     out = kd_loss(s, t, target, backend=backend, teacher_grad=teacher_grad, **options)
     ref = kd_loss_reference(s_ref, t_ref, target, teacher_grad=teacher_grad, **options)
-    assert out.dtype == torch.float32, f"loss dtype {out.dtype}"
+    loss_dtype = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
+    assert out.dtype == loss_dtype, f"loss dtype {out.dtype}, expected {loss_dtype}"
     rtol, atol = LOSS_TOL[student.dtype]
     assert_close(out, ref, rtol, atol * max(1.0, ref.detach().abs().max().item()), "loss")
 
     upstream = torch.randn(ref.shape, dtype=torch.float64, device=ref.device) if grad_output else torch.ones_like(ref)
-    (out * upstream.float()).sum().backward()
+    (out * upstream.to(out.dtype)).sum().backward()
     (ref * upstream).sum().backward()
     rtol, atol = GRAD_TOL[student.dtype]
     g_scale = max(s_ref.grad.abs().max().item(), 1e-30)

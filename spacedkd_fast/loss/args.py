@@ -54,7 +54,8 @@ class KDProblem:
 
     Attributes:
         student: the caller's student logits, ``(..., V)`` or ``(K, ..., V)``.
-        teacher: the caller's teacher logits, ``(..., V)``.
+        teacher: the caller's teacher logits, ``(..., V)`` (a view of its first V columns when a larger teacher
+            vocabulary is truncated: ``vocab_mismatch="truncate"``).
         target: ``(N,)`` integer labels or None.
         multi_student: True when ``student`` has the extra leading K dimension.
         lead_shape: the teacher's leading shape; ``N = prod(lead_shape)``.
@@ -151,6 +152,9 @@ def canonicalize(student_logits, teacher_logits, target, options: KDOptions, *,
     """Check the tensors of a kd_loss call against each other and against ``options`` (already checked: a
     :class:`~spacedkd_fast.loss.options.KDOptions`) and return the canonical problem.
 
+    A teacher with a larger vocabulary than the student's is sliced to the student's (a view) when
+    ``options.vocab_mismatch == "truncate"``, and rejected otherwise; a smaller one is always rejected.
+
     ``check_targets=False`` leaves the label *values* to the caller (:func:`check_target_values`), for backends
     that check them on their own.
 
@@ -160,16 +164,31 @@ def canonicalize(student_logits, teacher_logits, target, options: KDOptions, *,
     _check_logits("student_logits", student_logits)
     _check_logits("teacher_logits", teacher_logits)
     s_shape, t_shape = tuple(student_logits.shape), tuple(teacher_logits.shape)
-    if s_shape == t_shape:
+    if s_shape[:-1] == t_shape[:-1]:
         multi = False
-    elif len(s_shape) == len(t_shape) + 1 and s_shape[1:] == t_shape:
+    elif len(s_shape) == len(t_shape) + 1 and s_shape[1:-1] == t_shape[:-1]:
         multi = True
     else:
         _fail(ValueError, f"student_logits shape {s_shape} does not match teacher_logits shape {t_shape}: expected "
                           f"the same shape, or (K, *teacher shape) for K students")
-    if t_shape[-1] == 0:
+    vocab, teacher_vocab = s_shape[-1], t_shape[-1]
+    if vocab == 0 or teacher_vocab == 0:
         _fail(ValueError, f"the vocabulary dimension (last) of the logits is 0: student_logits {s_shape}, "
                           f"teacher_logits {t_shape}")
+    if teacher_vocab < vocab:
+        _fail(ValueError, f"student_logits shape {s_shape} does not match teacher_logits shape {t_shape}: the "
+                          f"teacher's vocabulary (last dimension, {teacher_vocab}) is smaller than the student's "
+                          f"({vocab}). The teacher must cover every student id; if the missing ids should have teacher "
+                          f"probability 0, pad teacher_logits with -inf to {vocab} columns")
+    if teacher_vocab > vocab:
+        if options.vocab_mismatch != "truncate":
+            _fail(ValueError, f"student_logits shape {s_shape} does not match teacher_logits shape {t_shape}: the "
+                              f"teacher's vocabulary (last dimension, {teacher_vocab}) is larger than the student's "
+                              f"({vocab}). Pass vocab_mismatch='truncate' to restrict the teacher to the student's ids "
+                              f"0..{vocab - 1} (renormalized over them; no copy), or slice teacher_logits yourself")
+        # The teacher restricted to the student's ids, renormalized: softmax over the first Vs logits. A view with
+        # row stride Vt, which every backend reads as it is.
+        teacher_logits = teacher_logits[..., :vocab]
     if student_logits.device != teacher_logits.device:
         _fail(ValueError, f"student_logits is on {student_logits.device} but teacher_logits is on "
                           f"{teacher_logits.device}")
@@ -188,7 +207,7 @@ def canonicalize(student_logits, teacher_logits, target, options: KDOptions, *,
             _fail(ValueError, f"target is on {target.device} but the logits are on {teacher_logits.device}")
         flat_target = target.reshape(-1)
         if check_targets:
-            check_target_values(flat_target, t_shape[-1], options.ignore_index)
+            check_target_values(flat_target, vocab, options.ignore_index)
 
     return KDProblem(
         student=student_logits, teacher=teacher_logits, target=flat_target,

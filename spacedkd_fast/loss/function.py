@@ -79,18 +79,17 @@ def run_triton(problem: KDProblem, student4, teacher3, options: KDOptions, grad_
 
 def _run_reference(problem: KDProblem, options: KDOptions, grad_student, grad_teacher):
     """The kernels' contract computed by the torch reference and autograd: the fallback when Triton fails to
-    compile. Returns ``(loss (K,) or (K, N), grad_student (K, N, V), grad_teacher (K, N, V))`` like the kernels."""
-    from spacedkd_fast.loss.reference import kd_loss_terms_reference
+    compile (float32, bfloat16 and float16 inputs only: float64 never reaches a kernel). Returns ``(loss (K,) or
+    (K, N) float32, grad_student (K, N, V), grad_teacher (K, N, V))`` like the kernels."""
+    from spacedkd_fast.loss.reference import kd_loss_rows_reference
 
     k, n, v = problem.num_students, problem.num_rows, problem.vocab
-    ce_weight, kd_weight = options.weights(problem.target is not None)
     with torch.enable_grad():
         student = problem.student_rows().detach().requires_grad_(grad_student)
         teacher = problem.teacher_rows().detach()
         if grad_teacher:  # one teacher copy per student: the kernels' per-student teacher gradients
             teacher = teacher.expand(k, n, v).clone().requires_grad_(True)
-        ce, kl = kd_loss_terms_reference(student, teacher, problem.target, options)
-        loss = (kd_weight * kl if ce is None else ce_weight * ce + kd_weight * kl).float()  # (K, N)
+        loss = kd_loss_rows_reference(student, teacher, problem.target, options).float()  # (K, N)
         if options.reduction != "none":
             loss = loss.sum(dim=1)
             if options.reduction == "mean":

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from numbers import Real
 
 REDUCTIONS = ("mean", "sum", "none")
+# What a teacher with a larger vocabulary than the student's means (see spacedkd_fast/loss/reference.py).
+VOCAB_MISMATCH = ("error", "truncate")
 
 
 def _fail(exc_type: type[Exception], message: str):
@@ -45,6 +47,9 @@ class KDOptions:
         reduction: "mean" (over non-ignored rows), "sum" or "none".
         t_squared: c = T² (Hinton et al.); False: c = 1.
         teacher_grad: the teacher logits get their gradient too (mutual learning).
+        vocab_mismatch: a teacher vocabulary larger than the student's: "error" (the default) raises;
+            "truncate" restricts the teacher to the student's ids (the logits sliced ``t[..., :Vs]``, a view), which
+            renormalizes its distribution over them. Applied by argument canonicalization, before any kernel.
     """
 
     temperature: float = 1.0
@@ -54,6 +59,7 @@ class KDOptions:
     reduction: str = "mean"
     t_squared: bool = True
     teacher_grad: bool = False
+    vocab_mismatch: str = "error"
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 - frozen: normalized once
@@ -66,6 +72,8 @@ class KDOptions:
             _fail(TypeError, f"ignore_index must be an int, got {type(self.ignore_index).__name__}")
         if self.reduction not in REDUCTIONS:
             _fail(ValueError, f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
+        if self.vocab_mismatch not in VOCAB_MISMATCH:
+            _fail(ValueError, f"vocab_mismatch must be one of {VOCAB_MISMATCH}, got {self.vocab_mismatch!r}")
         for name in ("t_squared", "teacher_grad"):
             if not isinstance(getattr(self, name), bool):
                 _fail(TypeError, f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
