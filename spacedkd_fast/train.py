@@ -81,26 +81,32 @@ def build_parser() -> argparse.ArgumentParser:
     for title, names in GROUPS.items():
         group = parser.add_argument_group(title)
         for name in names:
-            f = fields[name]
-            flag = "--" + name.replace("_", "-")
-            meta = dict(f.metadata)
-            default = getattr(defaults, name)
-            help_text = meta.pop("help")
-            if name in ("model", "teacher_model", "student_model"):
-                help_text += f"; one of: {', '.join(MODEL_NAMES)}" if name == "model" else ""
-            if default is not None and "default" not in help_text:
-                help_text += f" (default: {default})"
-            kind = _field_type(f)
-            if kind is bool:
-                group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
-            elif kind is tuple or typing.get_origin(kind) is tuple:
-                group.add_argument(flag, nargs="+", type=meta.pop("type", int), metavar=meta.pop("metavar", None),
-                                   help=help_text)
-            else:
-                group.add_argument(flag, type=kind, help=help_text, **meta)
+            add_setting_flag(group, name, getattr(defaults, name),
+                             f"; one of: {', '.join(MODEL_NAMES)}" if name == "model" else "")
     missing = set(fields) - {n for names in GROUPS.values() for n in names}
     assert not missing, f"config fields without a CLI group: {missing}"
     return parser
+
+
+def add_setting_flag(group, name: str, shown_default, extra_help: str = "", **kwargs) -> None:
+    """Add ``--name-with-dashes`` for TrainConfig field ``name`` to ``group`` (an argparse parser or group): its
+    type, choices and help from the field, ``(default: SHOWN_DEFAULT)`` appended unless None, booleans as
+    ``--x/--no-x``, tuples as ``nargs="+"``. ``kwargs`` go to ``add_argument`` (``python -m spacedkd_fast.repro``
+    passes the same training flags on to its runs this way)."""
+    f = next(f for f in config_fields() if f.name == name)
+    flag = "--" + name.replace("_", "-")
+    meta = dict(f.metadata)
+    help_text = meta.pop("help") + extra_help
+    if shown_default is not None and "default" not in help_text:
+        help_text += f" (default: {shown_default})"
+    kind = _field_type(f)
+    if kind is bool:
+        group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text, **kwargs)
+    elif kind is tuple or typing.get_origin(kind) is tuple:
+        group.add_argument(flag, nargs="+", type=meta.pop("type", int), metavar=meta.pop("metavar", None),
+                           help=help_text, **kwargs)
+    else:
+        group.add_argument(flag, type=kind, help=help_text, **meta, **kwargs)
 
 
 def config_from_args(argv: list[str] | None = None) -> TrainConfig:
