@@ -17,6 +17,7 @@ import importlib.util
 
 import pytest
 import torch
+import torch.nn.functional as F
 from shapes import HEADLINE_KD, KD_DTYPES, KD_SHAPES, MODES, ON_CUDA
 
 from spacedkd_fast import backends, kd_loss, kd_loss_reference
@@ -52,8 +53,17 @@ def _liger(student, teacher, target, temperature, alpha, **_):
     return (1 - alpha) * ce + alpha * kl
 
 
+def _two_line(student, teacher, target, temperature, alpha, **_):
+    """The objective as a user writes it with torch's own ops (what kd_loss is compared with first): CE plus
+    T²-scaled KL of log-softmaxes, batch mean."""
+    kl = F.kl_div(F.log_softmax(student / temperature, dim=-1), F.log_softmax(teacher / temperature, dim=-1),
+                  log_target=True, reduction="batchmean")
+    return (1 - alpha) * F.cross_entropy(student, target) + alpha * temperature**2 * kl
+
+
 PROVIDERS = {
     "eager": lambda s, t, y, **o: kd_loss_reference(s, t, y, **o),
+    "two_line": _two_line,
     "compiled": _compiled,
     "cpp": lambda s, t, y, **o: kd_loss(s, t, y, backend="cpp", **o),
     "triton": lambda s, t, y, **o: kd_loss(s, t, y, backend="triton", **o),
@@ -130,7 +140,8 @@ def _bench_kd(measure, provider, shape, dtype, mode):
         before = _graphs_compiled()
         # >= 1: this item ran a graph compiled for it; 0: it reused one, or fell back to eager.
         after = lambda: {"graphs_compiled": _graphs_compiled() - before}  # noqa: E731
-    measure(step, group=f"kd_loss {mode} {n}x{v} {_dtype_id(dtype)}", provider=provider, baseline="eager",
+    measure(step, group=f"kd_loss {mode} {n}x{v} {_dtype_id(dtype)}", provider=provider,
+            baseline=("eager", "two_line"),
             bytes_moved=_bytes(n, v, dtype, mode), items=n, items_unit="rows", after=after,
             info=dict(N=n, V=v, dtype=str(dtype), mode=mode, floor_bytes=_floor_bytes(n, v, dtype, mode)))
 
@@ -145,17 +156,22 @@ def test_copy_bandwidth(measure):
     measure(lambda: dst.copy_(src), group="copy", provider="copy", bytes_moved=2 * src.numel() * 4)
 
 
+# The two-line torch formula is the CPU's comparison at the paper's shapes (host overhead decides there); on a GPU
+# the acceptance run's budget goes to the native kernel against the reference (its plan counts these items).
+BASELINES = ["eager"] if ON_CUDA else ["eager", "two_line"]
+
+
 @pytest.mark.headline
-@pytest.mark.parametrize("provider", ["eager", NATIVE])
+@pytest.mark.parametrize("provider", [*BASELINES, NATIVE])
 @pytest.mark.parametrize("shape, dtype", HEADLINE_KD, ids=[f"{n}x{v}-{_dtype_id(d)}" for (n, v), d in HEADLINE_KD])
 def test_kd_loss_headline(measure, shape, dtype, provider):
     _bench_kd(measure, provider, shape, dtype, "fwd+bwd")
 
 
 # ---- the rest of the sweep -----------------------------------------------------------------------------------------
-SWEEP = [(provider, shape, dtype, mode) for provider in ("eager", "cpp", "triton", "liger") for shape in KD_SHAPES
+SWEEP = [(provider, shape, dtype, mode) for provider in (*BASELINES, "cpp", "triton", "liger") for shape in KD_SHAPES
          for dtype in KD_DTYPES for mode in MODES
-         if not (mode == "fwd+bwd" and provider in ("eager", NATIVE) and (shape, dtype) in HEADLINE_KD)]
+         if not (mode == "fwd+bwd" and provider in (*BASELINES, NATIVE) and (shape, dtype) in HEADLINE_KD)]
 
 
 @pytest.mark.parametrize("provider, shape, dtype, mode", SWEEP,

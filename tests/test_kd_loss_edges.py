@@ -318,3 +318,22 @@ def test_retain_graph_backward_twice(backend, students, reduction):
     assert torch.equal(s.grad, grads[0][0]) and torch.equal(t.grad, grads[0][1])
     with pytest.raises(RuntimeError, match="second time"):
         loss.backward(upstream)  # freed now, as autograd promises
+
+
+def test_options_are_checked_once_per_distinct_values_and_bad_ones_every_time():
+    """kd_loss reuses the checked options of hyperparameters it has seen (a training loop's every step), keeps
+    types apart (``alpha=True`` is refused although ``True == 1``), and checks what cannot be cached."""
+    from spacedkd_fast.loss import options as options_module
+
+    s, t, y = torch.randn(4, 6), torch.randn(4, 6), torch.tensor([0, 1, 2, 3])
+    options_module._cached_options.cache_clear()
+    a = kd_loss(s, t, y, temperature=2.0, alpha=1)
+    b = kd_loss(s, t, y, temperature=2.0, alpha=1)
+    assert torch.equal(a, b) and options_module._cached_options.cache_info().hits >= 1
+    with pytest.raises(TypeError, match="alpha must be a real number, got bool"):
+        kd_loss(s, t, y, temperature=2.0, alpha=True)
+    with pytest.raises(TypeError, match="temperature must be a real number, got Tensor"):
+        kd_loss(s, t, y, temperature=torch.tensor(2.0))
+    for _ in range(2):  # a refused value is refused again (never cached)
+        with pytest.raises(ValueError, match="temperature must be in"):
+            kd_loss(s, t, y, temperature=float("nan"))

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from spacedkd_fast import backends
 from spacedkd_fast.loss.args import canonicalize, check_target_values
 from spacedkd_fast.loss.function import fused_kd_loss
-from spacedkd_fast.loss.options import KDOptions
+from spacedkd_fast.loss.options import KDOptions, options_of
 from spacedkd_fast.loss.reference import rows_reduced_reference
 
 
@@ -64,9 +64,8 @@ def kd_loss(
         TypeError / ValueError naming the argument, for bad shapes, dtypes, labels, vocabularies or
         hyperparameters.
     """
-    options = KDOptions(temperature=temperature, alpha=alpha, label_smoothing=label_smoothing,
-                        ignore_index=ignore_index, reduction=reduction, t_squared=t_squared,
-                        teacher_grad=teacher_grad, vocab_mismatch=vocab_mismatch)
+    options = options_of(temperature, alpha, label_smoothing, ignore_index, reduction, t_squared, teacher_grad,
+                         vocab_mismatch)
     return kd_loss_with(student_logits, teacher_logits, target, options, backend)
 
 

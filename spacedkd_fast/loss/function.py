@@ -159,7 +159,7 @@ def _forward(problem: KDProblem, options: KDOptions, grad_student: bool, grad_te
     else:
         loss, grad_s, grad_t = _run_cpp(problem, student4, teacher3, options, grad_student, grad_teacher)
     return (loss.view(loss_shape) if loss.shape != loss_shape else loss,
-            grad_s.view(student.shape) if grad_student else None,
+            (grad_s if grad_s.shape == student.shape else grad_s.view(student.shape)) if grad_student else None,
             grad_t.view(grad_t_shape) if grad_teacher else None)
 
 
@@ -301,7 +301,9 @@ def fused_kd_loss(problem: KDProblem, options: KDOptions, *, backend: str, allow
     grad_enabled = torch.is_grad_enabled()
     grad_student = grad_enabled and problem.student.requires_grad
     grad_teacher = grad_enabled and options.teacher_grad and problem.teacher.requires_grad
-    teacher = problem.teacher if grad_teacher else problem.teacher.detach()
+    # A teacher in a graph it gets no gradient from is detached (the Function must not hold that graph); the usual
+    # teacher (computed under no_grad, or detached already) is passed as it is.
+    teacher = problem.teacher.detach() if problem.teacher.requires_grad and not grad_teacher else problem.teacher
     if torch.compiler.is_compiling():
         loss, _, _ = kd_loss_fused(
             problem.student, teacher, problem.target, options.temperature, options.alpha, options.label_smoothing,
