@@ -214,15 +214,21 @@ def canonicalize_linear(student_hidden, student_weight, teacher, teacher_weight,
 
 @torch.compiler.assume_constant_result  # a budget, not data: torch.compile bakes it in
 def default_chunk_size(num_rows: int, vocab: int, device: torch.device) -> int:
-    """Rows per chunk: C × V × 4 bytes within :data:`CUDA_CHUNK_BYTES` (and 1/8 of the free memory) on CUDA,
-    :data:`CPU_CHUNK_BYTES` elsewhere; a multiple of 64 rows when it is at least 64, and at most ``num_rows``."""
+    """Rows per chunk: :func:`chunk_rows` within :data:`CUDA_CHUNK_BYTES` (and 1/8 of the free memory) on CUDA,
+    :data:`CPU_CHUNK_BYTES` elsewhere."""
     budget = CPU_CHUNK_BYTES
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         budget = min(CUDA_CHUNK_BYTES, free // 8)
-    rows = max(1, budget // (4 * max(vocab, 1)))
+    return chunk_rows(num_rows, vocab, budget)
+
+
+def chunk_rows(num_rows: int, vocab: int, budget_bytes: int) -> int:
+    """The most rows C with C × V × 4 bytes within ``budget_bytes``: a multiple of 64 when at least 64 (whole
+    matmul tiles), at least 1, at most ``num_rows``."""
+    rows = max(1, budget_bytes // (4 * max(vocab, 1)))
     if rows >= 64:
-        rows -= rows % 64  # whole tiles for the matmuls
+        rows -= rows % 64
     return max(1, min(rows, num_rows))
 
 
