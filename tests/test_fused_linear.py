@@ -492,3 +492,61 @@ def test_error_loses_nothing():
         kd_loss_from_hidden(**x, chunk_size=0)
     assert all(torch.equal(x[k].detach(), v) for k, v in before.items())
     assert all(x[k].grad is None for k in DIFFERENTIABLE if x[k] is not None)
+
+
+# ---- DDP: the head's gradient is all-reduced like any parameter's -------------------------------------------------
+_DDP_SCRIPT = textwrap.dedent("""
+    import os, sys, torch
+    import torch.distributed as dist
+    from torch import nn
+    from spacedkd_fast import kd_loss_from_hidden
+
+    class Body(nn.Module):  # returns hidden states; the head is used by the loss, not by forward
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.embed = nn.Embedding(40, 12)
+            self.lm_head = nn.Linear(12, 40, bias=False)
+
+        def forward(self, tokens):
+            return torch.tanh(self.embed(tokens))
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    model = nn.parallel.DistributedDataParallel(Body())
+    data = torch.load(sys.argv[1])
+    rows = slice(rank * 4, rank * 4 + 4)  # this rank's half of the batch of 8 sequences
+    loss = kd_loss_from_hidden(model(data["tokens"][rows]), model.module.lm_head.weight, data["teacher"][rows],
+                               None, data["labels"][rows], temperature=2.0, alpha=0.5, chunk_size=5)
+    loss.backward()
+    torch.save({n: p.grad for n, p in model.module.named_parameters()}, sys.argv[2] + f".{rank}")
+    dist.destroy_process_group()
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(DEVICE != "cpu", reason="gloo on CPU tensors")
+def test_ddp_all_reduces_the_head_gradient(tmp_path):
+    """Two gloo ranks, each with half the batch: DDP's averaged gradients (of lm_head.weight, which only the loss
+    uses, and of the body) equal one process's gradients of the whole batch."""
+    from test_distributed import _finish, _start
+
+    torch.manual_seed(1)
+    data = {"tokens": torch.randint(0, 40, (8, 6)), "teacher": torch.randn(8, 6, 40),
+            "labels": torch.randint(0, 40, (8, 6))}
+    torch.save(data, tmp_path / "data.pt")
+    script = tmp_path / "rank.py"
+    script.write_text(_DDP_SCRIPT)
+    results = _finish(_start([sys.executable, str(script), str(tmp_path / "data.pt"), str(tmp_path / "grads")]),
+                      timeout=300)
+    assert all(code == 0 for code, _, _ in results), results
+    ranks = [torch.load(tmp_path / f"grads.{r}") for r in range(2)]
+
+    namespace: dict = {}
+    exec(_DDP_SCRIPT.split("dist.init_process_group")[0], namespace)  # the same Body, in this process
+    body = namespace["Body"]()
+    kd_loss_from_hidden(body(data["tokens"]), body.lm_head.weight, data["teacher"], None, data["labels"],
+                        temperature=2.0, alpha=0.5).backward()
+    for name, p in body.named_parameters():
+        assert torch.equal(ranks[0][name], ranks[1][name]), f"{name}: the ranks disagree"
+        assert_close(ranks[0][name], p.grad, 1e-5, 1e-6, f"{name} grad")

@@ -9,8 +9,9 @@ Per row ``i`` (the spec is :mod:`spacedkd_fast.loss.reference`, applied to these
 How (one Python loop, whatever the backend):
 
 1. the rows are cut into chunks of C rows (:func:`default_chunk_size`: C × V fp32 within a memory budget);
-2. per chunk, the student (and teacher) logits by one matmul each, in the input dtype (the matmul accumulates in
-   fp32), into buffers reused by every chunk;
+2. per chunk, the student (and teacher) logits by one matmul each into fp32 buffers reused by every chunk (fp32
+   for bf16/fp16 heads too: cuBLAS multiplies them with an fp32 output on CUDA, the CPU multiplies an fp32 copy of
+   the head; so the softmaxes see the products unrounded, which keeps ``q − p`` accurate when teacher ≈ student);
 3. the package's fused loss kernel (:func:`spacedkd_fast.loss.function._forward`: C++ on CPU, Triton on CUDA, or
    the torch reference) writes the chunk's losses and the logit gradient ``dZ`` in one pass over the logits;
 4. ``dH = dZ · W`` for the chunk's rows, ``dW += dZᵀ · H`` and ``db += Σ dZ`` accumulated in fp32 (float64 for
@@ -24,7 +25,7 @@ chunks with the rows weighted by it (twice the matmuls of the forward, no saved 
 Eager calls go through :class:`_FusedLinearKD` (``autograd.Function``); under ``torch.compile`` the same loop runs
 as the custom ops ``spacedkd_fast::kd_loss_from_hidden`` (and ``..._backward`` for ``"none"``), whose fake
 implementations let ``fullgraph=True`` trace through. The weights are ordinary inputs: their gradients land in
-``weight.grad`` through autograd, so DDP's hooks and FSDP's sharded parameters see them as from ``nn.Linear``.
+``weight.grad`` through autograd, where DDP's hooks find them as after ``F.linear``; nothing is kept between calls.
 """
 
 from __future__ import annotations
@@ -101,8 +102,9 @@ class LinearKDProblem:
 
 
 class Grads(NamedTuple):
-    """Gradients of the fused-linear loss, one per differentiable input (None where not wanted). In the loop the
-    weight and bias gradients are fp32 accumulators (float64 for float64 heads); :func:`_finish` casts them."""
+    """Gradients of the fused-linear loss, one per differentiable input (None where not wanted), or, as ``wants``,
+    which of them to compute (bools). In the loop the weight and bias gradients are fp32 accumulators (float64 for
+    float64 heads); :func:`_finish` casts them to their inputs' dtypes."""
 
     hidden: Tensor | None = None
     weight: Tensor | None = None
