@@ -31,6 +31,7 @@ implementations let ``fullgraph=True`` trace through. The weights are ordinary i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -245,9 +246,19 @@ def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+@functools.cache
+def _mixed_precision_matmul(device: torch.device) -> bool:
+    """Whether ``torch.mm``/``addmm`` take bf16/fp16 operands with an fp32 output here: CUDA, torch >= 2.8 (its
+    ``out_dtype``), compute capability >= 8 (cuBLAS's bf16)."""
+    if device.type != "cuda":
+        return False
+    version = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+    return version >= (2, 8) and torch.cuda.get_device_capability(device)[0] >= 8
+
+
 class _Head(NamedTuple):
-    """One output head as the loop runs it. ``weight``/``bias`` may be fp32 copies of bf16/fp16 parameters (the CPU
-    has no mixed-precision matmul); ``hidden`` is converted chunk by chunk (``compute_dtype``)."""
+    """One output head as the loop runs it. ``weight``/``bias`` may be fp32 copies of bf16/fp16 parameters (where
+    there is no mixed-precision matmul: the CPU); ``hidden`` is converted chunk by chunk (``compute_dtype``)."""
 
     hidden: Tensor
     weight: Tensor
@@ -256,7 +267,7 @@ class _Head(NamedTuple):
 
     @classmethod
     def of(cls, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> _Head:
-        if hidden.dtype in LOW_PRECISION and hidden.device.type != "cuda":
+        if hidden.dtype in LOW_PRECISION and not _mixed_precision_matmul(hidden.device):
             return cls(hidden, weight.float(), None if bias is None else bias.float(), torch.float32)
         return cls(hidden, weight, bias, hidden.dtype)
 
@@ -270,7 +281,7 @@ class _Head(NamedTuple):
             if self.bias is None:
                 return torch.mm(h, self.weight.t(), out=out)
             return torch.addmm(self.bias, h, self.weight.t(), out=out)
-        torch.mm(h, self.weight.t(), out_dtype=out.dtype, out=out)  # CUDA: cuBLAS, bf16/fp16 in, fp32 out
+        torch.mm(h, self.weight.t(), out_dtype=out.dtype, out=out)  # cuBLAS: bf16/fp16 in, fp32 out
         return out if self.bias is None else out.add_(self.bias)
 
     def backward(self, dz: Tensor, h: Tensor, row_weights: Tensor | None, d_hidden: Tensor | None,
@@ -280,7 +291,7 @@ class _Head(NamedTuple):
         each row weighted by ``row_weights`` ``(C,)`` when given (the ``"none"`` backward: weighting the C × H side
         costs V/H times less than weighting dz)."""
         if dz.dtype != self.compute_dtype:
-            dz = dz.to(self.compute_dtype)  # CUDA, low precision: the gradient GEMMs run on bf16/fp16 operands
+            dz = dz.to(self.compute_dtype)  # mixed precision: the gradient GEMMs run on bf16/fp16 operands
         col = row_weights[:, None] if row_weights is not None else None
         if d_hidden is not None:
             if d_hidden.dtype == dz.dtype and col is None:
@@ -301,7 +312,7 @@ def _accumulate(acc: Tensor, a: Tensor, b: Tensor) -> None:
     """``acc += a · b`` with the sum kept in ``acc``'s dtype (fp32): never rounded to the operands' bf16/fp16."""
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
-    else:  # CUDA: cuBLAS takes bf16/fp16 operands with an fp32 output
+    else:  # cuBLAS takes bf16/fp16 operands with an fp32 output (_mixed_precision_matmul)
         torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
 
 
