@@ -542,7 +542,8 @@ def _(grad_rows, hidden, weight, bias, teacher, teacher_weight, teacher_bias, ta
 def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(*inputs[:7], output[1], *output[2:])
+    recompute = inputs[11] == "none"  # only "none"'s backward reads the inputs again
+    ctx.save_for_backward(*(inputs[:7] if recompute else (None,) * 7), output[1], *output[2:])
     ctx.scalars = inputs[7:]  # temperature ... allow_fallback
     ctx.dtypes = tuple(None if x is None else x.dtype for x in inputs[:6])
 
