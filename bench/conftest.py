@@ -136,6 +136,8 @@ def _add_speedups(results: list[dict]) -> None:
             base = by_group[r["group"]].get(name)
             if base:
                 r[f"speedup_vs_{name}"] = base["median_s"] / r["median_s"]
+                if base.get("peak_above_grads_bytes") and "peak_above_grads_bytes" in r:  # fused-linear memory
+                    r[f"memory_ratio_vs_{name}"] = r["peak_above_grads_bytes"] / base["peak_above_grads_bytes"]
     copies = [r for r in results if r["provider"] == "copy"]
     if copies:
         peak = max(r["GB_per_s"] for r in copies)
@@ -220,11 +222,15 @@ def pytest_sessionfinish(session, exitstatus):
         extra = [f"{r['median_s'] * 1e3:9.3f} ms"]
         for key, fmt in (("GB_per_s", "{:8.2f} GB/s"), ("images_per_s", "{:10.0f} img/s"),
                          ("pct_of_copy_bandwidth", "{:5.1f}% of copy"), ("x_copy_floor", "{:5.2f}x copy floor"),
-                         ("data_wait_fraction", "{:.1%} waiting for data")):
+                         ("data_wait_fraction", "{:.1%} waiting for data"), ("GFLOP_per_s", "{:7.1f} GFLOP/s")):
             if key in r and not (isinstance(r[key], float) and math.isnan(r[key])):
                 extra.append(fmt.format(r[key]))
+        if "peak_mem_bytes" in r:
+            extra.append(f"peak {r['peak_mem_bytes'] / 2**20:8.1f} MiB")
         for key in r:
             if key.startswith("speedup_vs_"):
                 extra.append(f"{r[key]:6.2f}x vs {key.removeprefix('speedup_vs_')}")
+            if key.startswith("memory_ratio_vs_"):
+                extra.append(f"memory {r[key]:5.3f}x of {key.removeprefix('memory_ratio_vs_')}")
         reporter.write_line(f"{r['group']:<44} {r['provider']:<14} " + "  ".join(extra))
     reporter.write_line(f"results written to {os.path.relpath(out)}")

@@ -10,7 +10,8 @@ Made for a lent machine with one NVIDIA GPU, PyTorch and Triton preinstalled and
    this checkout (``pip install --no-deps --no-build-isolation --no-index -e .``);
 2. the headline figures, first so that they survive any cut: Triton kd_loss fwd+bwd against the eager reference at
    the classification and LLM shapes with the device's copy bandwidth, then spaced KD overlapped vs sequential vs
-   online s = 0 training;
+   online s = 0 training, then (not with ``--quick``) fused-linear KD against the materialized torch path at
+   8192 × 4096 → 128256 bf16 and with a 2048-wide student;
 3. the GPU-marked tests, then the Triton tests (each in concurrent shards: their time goes into compiling);
 4. the rest of the kd_loss sweep and of the training cases; last, ``torch.compile`` of the reference (optional:
    a cut there does not fail the run), each result recording the graphs compiled for it.
@@ -71,6 +72,9 @@ UNIT_COST_S = dict(
     torch_compile=45.0,  # one torch.compile (forward + backward, inductor) of the reference, cold
     install=15.0,  # the editable install without the C++ extension
     wheel=3.0,  # one carried wheel
+    # one fused-linear benchmark item at 8192 x 4096 -> 128256 bf16: 2 GB of heads to fill, one warm-up, three
+    # rounds (the materialized path ~0.2-0.4 s each) and the peak-memory call
+    fused_item=2.0,
 )
 # How far concurrent shards are from a perfect split (one shard gets the slow tests), and how many kernels are
 # compiled twice because two shards needed them before either had written Triton's cache.
@@ -85,9 +89,13 @@ CROSS_SHARD_RECOMPILES = 1.5
 PLAN_COUNTS = {
     "kd headline": dict(items=11, triton_compiles=4),  # copy + 5 shapes x (eager, triton), fwd+bwd
     "train headline": dict(fits=6),  # online s=0, spaced sequential, spaced overlap: warm-up + 1 timed fit each
+    # fused-linear at 8192 x {4096, 2048} -> 128256 bf16, fused and eager (Liger, with its torch.compile, and the
+    # kd_loss-on-materialized-logits provider are left to a manual `pytest bench/bench_fused_linear.py` there); one
+    # kernel configuration (full 512-row chunks) for both shapes
+    "fused headline": dict(fused_items=4, triton_compiles=1),
     "gpu tests": dict(tests=18, triton_compiles=4),  # the 37 collected minus 19 that need DALI
-    "triton tests": dict(tests=91, triton_compiles=65),
-    "triton tests --quick": dict(tests=65, triton_compiles=54),
+    "triton tests": dict(tests=108, triton_compiles=79),
+    "triton tests --quick": dict(tests=82, triton_compiles=68),
     "kd sweep": dict(items=18, triton_compiles=8),  # the 9 other (shape, dtype) pairs, fwd+bwd, eager + triton
     "train rest": dict(fits=4),  # base, original-style
     "kd compiled": dict(items=2, torch_compiles=1),  # 8192x32000 bf16 fwd+bwd, eager + compiled
@@ -124,6 +132,7 @@ def _estimate(*, processes=1, shards=1, **counts) -> float:
     concurrent processes."""
     unit = UNIT_COST_S
     work = (counts.get("items", 0) * unit["kd_item"] + counts.get("fits", 0) * unit["train_fit"]
+            + counts.get("fused_items", 0) * unit["fused_item"]
             + counts.get("gpu_tests", 0) * unit["gpu_test"] + counts.get("triton_tests", 0) * unit["triton_test"]
             + counts.get("torch_compiles", 0) * unit["torch_compile"])
     compiles = counts.get("triton_compiles", 0) * unit["triton_compile"]
@@ -158,6 +167,10 @@ def plan(out: Path, quick: bool, shards: int, wheels: Path | None = None) -> lis
     steps.append(_bench_step("kd headline", "bench_kd_loss.py", "headline", out, expect=c["kd headline"]["items"],
                              **c["kd headline"]))
     steps.append(_bench_step("train headline", "bench_train.py", "headline", out, expect=3, **c["train headline"]))
+    if not quick:
+        fused = c["fused headline"]
+        steps.append(_bench_step("fused headline", "bench_fused_linear.py", "headline", out,
+                                 extra=["-k", "not liger and not kd_loss"], expect=fused["fused_items"], **fused))
     gpu = c["gpu tests"]
     steps.append(Step("gpu tests", [], _estimate(shards=shards, gpu_tests=gpu["tests"],
                                                  triton_compiles=gpu["triton_compiles"]),
@@ -558,6 +571,22 @@ def _kd_rows(results: list[dict]) -> list[tuple[str, str]]:
     return rows
 
 
+def _fused_rows(results: list[dict]) -> list[tuple[str, str]]:
+    rows = []
+    for r in results:
+        parts = [f"{r['provider']} {r['median_s'] * 1e3:.1f} ms"]
+        if "GFLOP_per_s" in r:
+            parts.append(f"{r['GFLOP_per_s'] / 1e3:.0f} TFLOP/s")
+        if "peak_mem_bytes" in r:
+            parts.append(f"peak {r['peak_mem_bytes'] / 2**30:.2f} GiB")
+        if r["provider"] != "eager" and "speedup_vs_eager" in r:
+            parts.append(f"{r['speedup_vs_eager']:.2f}x eager's speed")
+        if r["provider"] != "eager" and "memory_ratio_vs_eager" in r:
+            parts.append(f"{r['memory_ratio_vs_eager']:.3f}x eager's memory")
+        rows.append((f"  {r['group'].removeprefix('fused-linear ')}", ", ".join(parts)))
+    return rows
+
+
 def _train_rows(results: list[dict]) -> list[tuple[str, str]]:
     rows = []
     for r in results:
@@ -598,7 +627,8 @@ def verdict_table(report: dict) -> str:
             rows += [(f"  skipped x{n}", reason) for reason, n in sorted(reasons.items(), key=lambda kv: -kv[1])]
         b = report["benchmarks"].get(s["name"])
         if b:
-            rows += _train_rows(b) if s["name"].startswith("train") else _kd_rows(b)
+            rows += (_train_rows(b) if s["name"].startswith("train") else
+                     _fused_rows(b) if s["name"].startswith("fused") else _kd_rows(b))
     total, budget = report.get("total_s", 0.0), report.get("budget", {}).get("budget_s", 0)
     rows.append(("total time", f"{total:.0f} s (budget {budget} s{', OVER' if budget and total > budget else ''})"))
     rows.append(("verdict", report["verdict"]))

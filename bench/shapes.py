@@ -29,6 +29,11 @@ def kd_dtypes(on_cuda: bool = ON_CUDA) -> list[torch.dtype]:
     return [torch.bfloat16, torch.float32] if on_cuda else [torch.float32]
 
 
+# Fused-linear KD, ((N, Hs, Ht, V), dtype): the CPU target (N·V = 2^25, fp32) and, on a GPU, Liger's headline shape
+# (8192 × 4096 → 128256, bf16) with the teacher's head for the student too, and with a smaller student (Hs = 2048).
+FUSED_LINEAR_CPU = [((2048, 256, 256, 16384), torch.float32)]
+FUSED_LINEAR_GPU = [((8192, 4096, 4096, 128256), torch.bfloat16), ((8192, 2048, 4096, 128256), torch.bfloat16)]
+
 HEADLINE_KD = headline_kd()
 KD_SHAPES = kd_shapes()
 KD_DTYPES = kd_dtypes()

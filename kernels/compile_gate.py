@@ -5,7 +5,8 @@ it has no registers to run out of. This gate compiles with Triton's real compile
 
 * it goes through the package's own path (``canonicalize`` → strided views → the launcher and its heuristics), so
   the configurations compiled are the ones a GPU call would launch, over a grid of shapes, dtypes, students,
-  reductions, temperatures, teacher gradients and strided layouts (meta tensors: nothing is allocated);
+  reductions, temperatures, teacher gradients and strided layouts (meta tensors: nothing is allocated), and the
+  fused-linear loss's chunk launches (:class:`LinearCase`: its chunk loop on meta tensors, CUDA's default chunk);
 * Triton is pointed at a compile-only driver (device 0, stream 0, the target architecture), and the launcher's
   launch is replaced by ``JITFunction.warmup``, which compiles and returns the kernel without running it;
 * each compiled kernel's cubin is read with the bundled ``cuobjdump -res-usage``: registers, stack bytes (where
@@ -82,7 +83,61 @@ class Case:
         return " ".join(parts)
 
 
-def gate_cases(quick: bool = False) -> list[Case]:
+@dataclass(frozen=True)
+class LinearCase:
+    """One fused-linear call (``kd_loss_from_hidden``): its chunk loop launches the kd_loss kernel on C-row blocks of
+    fp32 logits (the chunk logits are fp32 whatever the heads' dtype), C being CUDA's default chunk for V. ``n`` is a
+    multiple of C (every launch the same) or below it (one shorter chunk: a batch's remainder)."""
+
+    n: int  # rows
+    v: int  # vocabulary
+    hidden: int = 4096
+    teacher_logits: str | None = None  # the dtype of given teacher logits; None: the teacher as hidden states
+    reduction: str = "mean"
+    teacher_grad: bool = False
+    student_grad: bool = True
+    none_backward: bool = False  # the "none" backward's recomputing pass (gradients of the rows)
+
+    def label(self) -> str:
+        parts = [f"fused-linear {self.n}x{self.hidden}->{self.v}"]
+        if self.teacher_logits:
+            parts.append(f"teacher {self.teacher_logits} logits")
+        if self.reduction != "mean":
+            parts.append(self.reduction)
+        if self.teacher_grad:
+            parts.append("teacher_grad")
+        if not self.student_grad:
+            parts.append("forward only")
+        if self.none_backward:
+            parts.append("none backward")
+        return " ".join(parts)
+
+
+def linear_cases() -> list[LinearCase]:
+    """Fused-linear chunk launches at the LLM vocabularies: full chunks (n = 2 C) and a remainder (1000 and 1 rows),
+    the teacher as hidden states or bf16 logits, every reduction's passes, the teacher's gradient; and a
+    classification head (V = 1000: one chunk of all rows, the one-block path)."""
+    cases = []
+    for v in (32000, 50257, 128256):
+        chunk = _linear_chunk(v)
+        cases += [LinearCase(2 * chunk, v), LinearCase(1000, v), LinearCase(1, v),
+                  LinearCase(2 * chunk, v, teacher_logits="bfloat16"),
+                  LinearCase(2 * chunk, v, reduction="none"), LinearCase(2 * chunk, v, none_backward=True),
+                  LinearCase(1000, v, none_backward=True), LinearCase(2 * chunk, v, teacher_grad=True)]
+    cases += [LinearCase(2 * _linear_chunk(128256), 128256, teacher_logits="bfloat16", teacher_grad=True),
+              LinearCase(2 * _linear_chunk(32000), 32000, student_grad=False),
+              LinearCase(4096, 1000, hidden=512), LinearCase(4096, 1000, hidden=512, teacher_logits="bfloat16"),
+              LinearCase(4096, 1000, hidden=512, none_backward=True)]
+    return cases
+
+
+def _linear_chunk(vocab: int) -> int:
+    from spacedkd_fast.loss import fused_linear
+
+    return fused_linear.chunk_rows(1 << 30, vocab, fused_linear.CUDA_CHUNK_BYTES)
+
+
+def gate_cases(quick: bool = False) -> list[Case | LinearCase]:
     """The grid: N from 1 to 8192, V from 2 to 128256 (odd and non-multiple-of-16 sizes included), three dtypes,
     then K students, teacher gradients, T = 1, every reduction, no target and strided layouts on a subset."""
     rows = (1, 7, 128, 1000, 4096, 8192) if not quick else (1, 128, 4096)
@@ -121,6 +176,7 @@ def gate_cases(quick: bool = False) -> list[Case]:
     # Column-strided logits whose largest offset passes 2^31: 64-bit column offsets.
     cases += [Case(32768, 128256, dtype="bfloat16", layout="transposed"),
               Case(20000, 131072, dtype="float32", layout="transposed", teacher_grad=True)]
+    cases += linear_cases() if not quick else linear_cases()[:8]
     return list(dict.fromkeys(cases))  # unique, in order
 
 
@@ -182,8 +238,41 @@ def _case_problem(case: Case):
     return student, teacher, target
 
 
-def _launch_through_package(case: Case) -> None:
+def _launch_linear(case: LinearCase) -> None:
+    """The fused-linear path of the case: argument checks and the chunk loop (meta tensors) with the Triton
+    backend; a low-precision head's logits are fp32 there as on CUDA."""
+    import torch
+
+    from spacedkd_fast.loss import fused_linear
+    from spacedkd_fast.loss.options import KDOptions
+
+    def meta(*shape, dtype=torch.bfloat16):
+        return torch.empty(*shape, dtype=dtype, device="meta")
+
+    options = KDOptions(temperature=2.0, alpha=0.5, label_smoothing=0.1, reduction=case.reduction,
+                        teacher_grad=case.teacher_grad)
+    teacher = meta(case.n, case.v, dtype=getattr(torch, case.teacher_logits)) if case.teacher_logits else meta(
+        case.n, case.hidden)
+    problem = fused_linear.canonicalize_linear(
+        meta(case.n, case.hidden), meta(case.v, case.hidden), teacher,
+        None if case.teacher_logits else meta(case.v, case.hidden), meta(case.n, dtype=torch.int64), None, None,
+        options, _linear_chunk(case.v))
+    teacher_side = case.teacher_grad
+    wants = fused_linear.Grads(hidden=True, weight=True, bias=False, teacher=teacher_side,
+                               teacher_weight=teacher_side and not case.teacher_logits, teacher_bias=False)
+    if case.none_backward:
+        fused_linear._run_chunks(problem, options.replace(reduction="none"), wants, "triton", False,
+                                 row_weights=meta(case.n, dtype=torch.float32))
+    else:
+        forward_grads = case.student_grad and case.reduction != "none"  # "none" computes its gradients later
+        fused_linear._run_chunks(problem, options, wants if forward_grads else fused_linear.NO_GRADS, "triton",
+                                 False)
+
+
+def _launch_through_package(case: Case | LinearCase) -> None:
     """The package's own path for a CUDA call of the case: options, argument checks, strided views, launcher."""
+    if isinstance(case, LinearCase):
+        return _launch_linear(case)
     from spacedkd_fast.loss.args import canonicalize
     from spacedkd_fast.loss.function import run_triton
     from spacedkd_fast.loss.options import KDOptions

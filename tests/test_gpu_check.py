@@ -89,8 +89,10 @@ def test_shell_entry_point_passes_arguments():
 def test_plan_puts_the_headline_first_and_fits_the_budget_with_margin(tmp_path, quick):
     steps = gpu_check.plan(tmp_path, quick, shards=12)
     names = [s.name for s in steps]
-    first = ["install", "kd headline", "train headline", "gpu tests", "triton tests"]
-    assert names == (first if quick else first + ["kd sweep", "train rest", "kd compiled"])
+    quick_names = ["install", "kd headline", "train headline", "gpu tests", "triton tests"]
+    full_names = ["install", "kd headline", "train headline", "fused headline", "gpu tests", "triton tests",
+                  "kd sweep", "train rest", "kd compiled"]
+    assert names == (quick_names if quick else full_names)
     install = steps[0].command
     assert install[1:] == ["-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index", "-e", "."]
     headline = " ".join(steps[1].command)
@@ -128,6 +130,20 @@ def test_kd_benchmark_counts_match_the_benchmarks():
     # Triton's cache persists across steps: the sweep compiles what the headline did not.
     assert counts["kd sweep"] == dict(items=2 * len(sweep), triton_compiles=compiles(headline + sweep)
                                       - compiles(headline))
+
+
+def test_fused_linear_counts_match_the_benchmark():
+    """PLAN_COUNTS for the fused-linear headline: fused and eager at each GPU shape, and the kernel configurations
+    of the fused path's chunk launches there (the compile gate's grouping of the same calls)."""
+    from spacedkd_fast.kernels.compile_gate import LinearCase, _group_key
+
+    counts = gpu_check.PLAN_COUNTS["fused headline"]
+    assert counts["fused_items"] == 2 * len(shapes.FUSED_LINEAR_GPU)
+    launches = {_group_key(LinearCase(n, v, hidden=hs)) for (n, hs, _, v), _ in shapes.FUSED_LINEAR_GPU}
+    assert counts["triton_compiles"] == len(launches)
+    step = next(s for s in gpu_check.plan(Path("/tmp/out"), False, shards=12) if s.name == "fused headline")
+    assert step.expect == counts["fused_items"] and "bench/bench_fused_linear.py" in step.command
+    assert step.command[step.command.index("-k") + 1] == "not liger and not kd_loss"
 
 
 def test_test_counts_match_the_selections():
@@ -236,13 +252,19 @@ def _fake_run(out: Path, *, failing=True, cut_test=False, bench_items=11) -> dic
     (raw / "train-headline.json").write_text(json.dumps({"results": train}))
     (raw / "kd-compiled.json").write_text(json.dumps({"results": [
         dict(group=group, provider="compiled", median_s=5e-3, speedup_vs_eager=2.4, graphs_compiled=1)]}))
+    fused_group = "fused-linear fwd+bwd 8192x4096->128256 teacher 4096 bfloat16"
+    (raw / "fused-headline.json").write_text(json.dumps({"results": [
+        dict(group=fused_group, provider="eager", median_s=0.21, GFLOP_per_s=163e3, peak_mem_bytes=60 * 2**30),
+        dict(group=fused_group, provider="fused", median_s=0.06, GFLOP_per_s=573e3, peak_mem_bytes=3 * 2**30,
+             speedup_vs_eager=3.5, memory_ratio_vs_eager=0.05)] * 2}))
 
     def step(name, kind, required=True, **extra):
         return dict(dict(name=name, kind=kind, required=required, limit_s=60.0, estimate_s=48.0, seconds=10.0,
-                         returncode=0, timed_out=False, expect={"kd headline": 11, "train headline": 3}.get(name, 0)),
-                    **extra)
+                         returncode=0, timed_out=False,
+                         expect={"kd headline": 11, "train headline": 3, "fused headline": 4}.get(name, 0)), **extra)
 
     steps = [step("install", "command"), step("kd headline", "bench"), step("train headline", "bench"),
+             step("fused headline", "bench"),
              step("gpu tests", "tests", returncode=1 if failing else 0), step("triton tests", "tests"),
              step("kd compiled", "bench", required=False, returncode=None)]
     state = {"quick": False, "total_s": 300.0, "budget": {"budget_s": 360},
@@ -264,6 +286,8 @@ def test_report_from_a_finished_run(tmp_path, capsys):
     assert "fwd+bwd 8192x32000 bfloat16" in table and "12.0x eager" in table and "61% of copy" in table
     assert "4300 GB/s" in table and "16,000 img/s" in table and "1.25x online_s0" in table
     assert "1 graph(s) compiled" in table
+    assert "8192x4096->128256 teacher 4096 bfloat16" in table and "fused 60.0 ms, 573 TFLOP/s" in table
+    assert "3.50x eager's speed" in table and "0.050x eager's memory" in table and "peak 60.00 GiB" in table
     assert "optional, FAILED: did not run" in table  # the optional step is listed, and does not decide
     assert table.rstrip().endswith("FAIL")
     report = json.loads((tmp_path / "gpu_check.json").read_text())

@@ -1,6 +1,7 @@
 """Fused KD + CE loss: reference (the spec) → kernels → custom op with autograd → public API."""
 
 from spacedkd_fast.loss.api import KDLoss, kd_loss
+from spacedkd_fast.loss.fused_linear import FusedLinearKDLoss, kd_loss_from_hidden
 from spacedkd_fast.loss.reference import kd_loss_reference
 
-__all__ = ["KDLoss", "kd_loss", "kd_loss_reference"]
+__all__ = ["FusedLinearKDLoss", "KDLoss", "kd_loss", "kd_loss_from_hidden", "kd_loss_reference"]

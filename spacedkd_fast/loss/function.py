@@ -145,7 +145,7 @@ def _forward(problem: KDProblem, options: KDOptions, grad_student: bool, grad_te
              allow_fallback: bool):
     """``(loss, grad_student, grad_teacher)``: the loss in its public shape (fp32); the gradient of the reduced
     loss w.r.t. the student (its shape and dtype) or None; ``(K, *teacher.shape)`` per-student teacher gradients
-    or None."""
+    or None. ``backend``: "triton", "cpp" or "torch" (the reference computing the same contract)."""
     loss_shape, grad_t_shape = _output_shapes(problem, options.reduction)
     student, teacher = problem.student, problem.teacher
     if problem.num_rows == 0 or problem.num_students == 0:
@@ -156,6 +156,8 @@ def _forward(problem: KDProblem, options: KDOptions, grad_student: bool, grad_te
     if backend == "triton":
         loss, grad_s, grad_t = _run_triton_or_fallback(problem, student4, teacher3, options, grad_student,
                                                        grad_teacher, allow_fallback)
+    elif backend == "torch":  # the kernels' contract from the reference (the fused-linear loss's torch backend)
+        loss, grad_s, grad_t = _run_reference(problem, options, grad_student, grad_teacher)
     else:
         loss, grad_s, grad_t = _run_cpp(problem, student4, teacher3, options, grad_student, grad_teacher)
     return (loss.view(loss_shape) if loss.shape != loss_shape else loss,
