@@ -14,8 +14,11 @@ accuracy). Sequences have random lengths and are right-padded; the padded positi
    and never builds the (B·T, V) logits of either model (chunks of ``--chunk-size`` rows). The gradient reaches
    ``student.lm_head.weight.grad`` and the student's layers through autograd, as from ``nn.Linear``.
 
-The student's and teacher's vocabularies are the same here (the tokenizer is shared); ``distillation_loss`` is the one
-place that maps the two models' outputs onto the loss.
+The teacher's vocabulary is larger than the student's (``--teacher-extra-tokens`` ids past the student's, never
+seen in the data: a teacher whose embedding table was padded, as 152064 against 151936 between two Qwen sizes).
+``vocab_mismatch="truncate"`` restricts the teacher to the student's ids, renormalized over them, through the first
+rows of its head (a view, no copy); ``distillation_loss`` is the one place that maps the two models' outputs onto
+the loss.
 """
 
 from __future__ import annotations
@@ -103,7 +106,9 @@ def distillation_loss(loss_fn: skd.FusedLinearKDLoss, student: TinyCausalLM, tea
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--vocab", type=int, default=512)
+    parser.add_argument("--vocab", type=int, default=512, help="the student's vocabulary (the data's tokens)")
+    parser.add_argument("--teacher-extra-tokens", type=int, default=16,
+                        help="ids past the student's in the teacher's vocabulary (0: the same vocabulary)")
     parser.add_argument("--seq", type=int, default=48)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--teacher-steps", type=int, default=300)
@@ -116,7 +121,8 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     device = torch.device(args.device)
     language = MarkovLanguage(args.vocab)
-    teacher = TinyCausalLM(args.vocab, dim=128, layers=4, heads=4, max_len=args.seq).to(device)
+    teacher_vocab = args.vocab + args.teacher_extra_tokens
+    teacher = TinyCausalLM(teacher_vocab, dim=128, layers=4, heads=4, max_len=args.seq).to(device)
     student = TinyCausalLM(args.vocab, dim=64, layers=2, heads=2, max_len=args.seq).to(device)
     held_out = [x.to(device) for x in language.batch(256, args.seq)]
     started = time.perf_counter()
@@ -135,15 +141,16 @@ def main(argv=None) -> dict:
 
     # 2. The student, from the teacher, through the fused-linear loss.
     loss_fn = skd.FusedLinearKDLoss(temperature=args.temperature, alpha=args.alpha, ignore_index=IGNORE,
-                                    chunk_size=args.chunk_size)
+                                    vocab_mismatch="truncate", chunk_size=args.chunk_size)
     inputs, labels = (x.to(device) for x in language.batch(args.batch, args.seq))
     fused = distillation_loss(loss_fn, student, teacher, inputs, labels)
     with torch.no_grad():  # the same loss from materialized logits, once, to show they agree
         materialized = skd.kd_loss(student(inputs), teacher(inputs), labels, temperature=args.temperature,
-                                   alpha=args.alpha, ignore_index=IGNORE)
+                                   alpha=args.alpha, ignore_index=IGNORE, vocab_mismatch="truncate")
     same = abs(fused.item() - materialized.item()) <= 1e-4 * max(1.0, abs(materialized.item()))
     print(f"fused-linear loss {fused.item():.6f}, from materialized logits {materialized.item():.6f} (same: {same}); "
-          f"{int((labels != IGNORE).sum())} of {labels.numel()} positions counted, chunks of {args.chunk_size} rows")
+          f"{int((labels != IGNORE).sum())} of {labels.numel()} positions counted, chunks of {args.chunk_size} rows; "
+          f"teacher vocabulary {teacher_vocab}, student {args.vocab}")
 
     student_before = accuracy(student, *held_out)
     optimizer = torch.optim.AdamW(student.parameters(), lr=3e-3)

@@ -40,7 +40,8 @@ def test_llm_logits_example_matches_the_reference():
 
 def test_llm_distill_example_learns_from_the_teacher():
     """The fused-linear loss equals kd_loss on materialized logits, and the student learns from the teacher through
-    it (padding ignored, the head's gradient on lm_head.weight)."""
+    it (padding ignored, the head's gradient on lm_head.weight, a teacher vocabulary 16 ids larger truncated to the
+    student's)."""
     import re
 
     result = run("llm_distill.py", "--teacher-steps", "40", "--steps", "30", "--seq", "16", "--batch", "16",
@@ -48,6 +49,7 @@ def test_llm_distill_example_learns_from_the_teacher():
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "(same: True)" in out and "lm_head.weight.grad set: True" in out, out
+    assert "teacher vocabulary 144, student 128" in out, out
     first, last = (float(x) for x in re.search(r"distillation loss ([\d.]+) -> ([\d.]+)", out).groups())
     before, after = (float(x) for x in re.search(r"accuracy ([\d.]+) -> ([\d.]+)", out).groups())
     assert last < 0.8 * first and after > before + 0.1, out

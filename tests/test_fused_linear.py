@@ -455,7 +455,7 @@ def _bad(**changes):
     (_bad(teacher_weight=torch.randn(9, 6), teacher_bias=None), ValueError,
      r"teacher's vocabulary \(9\) is smaller than the student's \(10\)"),
     (_bad(teacher_weight=torch.randn(12, 6), teacher_bias=None), ValueError,
-     r"teacher's vocabulary \(12\) is larger than the student's \(10\)"),
+     r"teacher's vocabulary \(12\) is larger than the student's \(10\): pass vocab_mismatch"),
     (_bad(teacher=torch.randn(2, 5, 9), teacher_weight=None, teacher_bias=None), ValueError,
      r"teacher's vocabulary \(9\) is smaller"),
     (_bad(teacher=torch.randn(2, 5, 10), teacher_weight=None), ValueError, "teacher_bias is given without"),
@@ -550,3 +550,33 @@ def test_ddp_all_reduces_the_head_gradient(tmp_path):
     for name, p in body.named_parameters():
         assert torch.equal(ranks[0][name], ranks[1][name]), f"{name}: the ranks disagree"
         assert_close(ranks[0][name], p.grad, 1e-5, 1e-6, f"{name} grad")
+
+
+# ---- a teacher vocabulary larger than the student's -----------------------------------------------------------
+@pytest.mark.parametrize("teacher", ["hidden", "logits"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vocab_mismatch_truncate_is_kd_losss_policy(backend, teacher):
+    """``vocab_mismatch="truncate"`` restricts a larger teacher vocabulary to the student's ids, as kd_loss does
+    (its head's first Vs rows, or its logits' first Vs columns): the same loss and gradients as the float64
+    reference on the materialized logits with kd_loss's truncation; with ``teacher_grad`` the dropped rows (or
+    columns) get exactly 0. Without it a larger teacher vocabulary is refused, naming the option."""
+    vs, vt = 40, 47
+    case = make_case(lead=(3, 7), vocab=vt, teacher=teacher)
+    for name in ("student_weight", "student_bias"):  # the student's head covers the first Vs ids
+        case[name] = case[name][:vs].clone()
+    case["target"] = torch.where(case["target"] >= vs, case["target"] % vs, case["target"])
+    with pytest.raises(ValueError, match=r"larger than the student's \(40\): pass vocab_mismatch='truncate'"):
+        kd_loss_from_hidden(**leaves(case), backend=backend)
+    ours = leaves(case, teacher_grad=True)
+    ref = leaves(case, torch.float64, teacher_grad=True)
+    options = dict(OPTIONS, teacher_grad=True, vocab_mismatch="truncate")
+    out = kd_loss_from_hidden(**ours, chunk_size=5, backend=backend, **options)
+    expected = reference(ref, **options)
+    assert_close(out, expected, 2e-5, 2e-5 * max(1.0, expected.abs().max().item()), "loss")
+    out.backward()
+    expected.backward()
+    for name in DIFFERENTIABLE:
+        if ours[name] is not None:
+            assert_close(ours[name].grad, ref[name].grad, 1e-4, 1e-5 * ref[name].grad.abs().max().item(), name)
+    dropped = ours["teacher"].grad[..., vs:] if teacher == "logits" else ours["teacher_weight"].grad[vs:]
+    assert dropped.abs().max().item() == 0.0

@@ -182,8 +182,18 @@ def canonicalize_linear(student_hidden, student_weight, teacher, teacher_weight,
         _fail(ValueError, f"the teacher's vocabulary ({vt}) is smaller than the student's ({vs}): every student "
                           f"token needs a teacher probability")
     if vt > vs:
-        _fail(ValueError, f"the teacher's vocabulary ({vt}) is larger than the student's ({vs}): "
-                          f"kd_loss_from_hidden needs the same vocabulary on both sides")
+        if options.vocab_mismatch != "truncate":
+            _fail(ValueError, f"the teacher's vocabulary ({vt}) is larger than the student's ({vs}): pass "
+                              f"vocab_mismatch='truncate' to restrict the teacher to the student's ids 0..{vs - 1} "
+                              f"(renormalized over them; no copy), or give both the same vocabulary")
+        # kd_loss's policy: the teacher's distribution over the student's ids, renormalized. Its head's first Vs
+        # rows (or its logits' first Vs columns), as views: a teacher gradient reaches only those.
+        if teacher_weight is None:
+            teacher = teacher[..., :vs]
+        else:
+            teacher_weight = teacher_weight[:vs]
+            teacher_bias = teacher_bias[:vs] if teacher_bias is not None else None
+        vt = vs
 
     device = student_hidden.device
     for name, x in (("student_weight", student_weight), ("student_bias", student_bias), ("teacher", teacher),
@@ -611,6 +621,7 @@ def kd_loss_from_hidden(
     reduction: str = "mean",
     t_squared: bool = True,
     teacher_grad: bool = False,
+    vocab_mismatch: str = "error",
     chunk_size: int | None = None,
     backend: str = "auto",
 ) -> Tensor:
@@ -625,12 +636,14 @@ def kd_loss_from_hidden(
         teacher: the teacher's hidden states ``(..., Ht)`` (with ``teacher_weight``) or its logits ``(..., Vt)``
             (without), with the student's leading shape. Logits that cannot be viewed as ``(N, Vt)`` rows (a
             time-shifted ``[:, :-1]`` view) are copied once.
-        teacher_weight: ``(Vt, Ht)`` teacher head, or None when ``teacher`` holds logits. The vocabularies must
-            match: ``Vt < Vs`` and ``Vt > Vs`` raise.
+        teacher_weight: ``(Vt, Ht)`` teacher head, or None when ``teacher`` holds logits. ``Vt < Vs`` raises;
+            ``Vt > Vs`` raises unless ``vocab_mismatch="truncate"`` (as :func:`~spacedkd_fast.kd_loss`: the
+            teacher restricted to the student's ids, renormalized; its head's first Vs rows, a view).
         target: integer labels of the leading shape (``(N,)`` or ``(B, T)``), or None for ``T²·KL`` alone.
         student_bias / teacher_bias: ``(V,)`` head biases, or None.
-        temperature ... teacher_grad: as :func:`~spacedkd_fast.kd_loss`. The teacher (its hidden states, head, or
-            logits) is frozen unless ``teacher_grad=True``; then each teacher tensor that requires grad gets one.
+        temperature ... teacher_grad, vocab_mismatch: as :func:`~spacedkd_fast.kd_loss`. The teacher (its hidden
+            states, head, or logits) is frozen unless ``teacher_grad=True``; then each teacher tensor that requires
+            grad gets one.
         chunk_size: rows per chunk; None picks one from memory (:func:`default_chunk_size`: C × V fp32 about
             256 MiB on CUDA, 32 MiB on CPU). Peak extra memory is about three C × V fp32 logit blocks.
         backend: "auto" (Triton + cuBLAS on CUDA, the C++ kernel + torch matmul on CPU, the reference for
@@ -646,7 +659,7 @@ def kd_loss_from_hidden(
     """
     options = KDOptions(temperature=temperature, alpha=alpha, label_smoothing=label_smoothing,
                         ignore_index=ignore_index, reduction=reduction, t_squared=t_squared,
-                        teacher_grad=teacher_grad)
+                        teacher_grad=teacher_grad, vocab_mismatch=vocab_mismatch)
     return kd_loss_from_hidden_with(student_hidden, student_weight, teacher, teacher_weight, target, options,
                                     student_bias=student_bias, teacher_bias=teacher_bias, chunk_size=chunk_size,
                                     backend=backend)
@@ -676,11 +689,12 @@ class FusedLinearKDLoss(nn.Module):
 
     def __init__(self, *, temperature: float = 1.0, alpha: float = 0.5, label_smoothing: float = 0.0,
                  ignore_index: int = -100, reduction: str = "mean", t_squared: bool = True,
-                 teacher_grad: bool = False, chunk_size: int | None = None, backend: str = "auto") -> None:
+                 teacher_grad: bool = False, vocab_mismatch: str = "error", chunk_size: int | None = None,
+                 backend: str = "auto") -> None:
         super().__init__()
         self.options = KDOptions(temperature=temperature, alpha=alpha, label_smoothing=label_smoothing,
                                  ignore_index=ignore_index, reduction=reduction, t_squared=t_squared,
-                                 teacher_grad=teacher_grad)
+                                 teacher_grad=teacher_grad, vocab_mismatch=vocab_mismatch)
         if backend not in backends.LOSS_BACKENDS:
             _fail(ValueError, f"backend must be one of {backends.LOSS_BACKENDS}, got {backend!r}")
         if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)):
