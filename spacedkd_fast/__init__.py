@@ -3,6 +3,7 @@
 Public API:
     kd_loss, KDLoss          fused (1−α)·CE + α·T²·KL loss (Triton on CUDA, C++ on CPU, torch reference)
     kd_loss_reference        the pure-torch spec of that loss
+    kd_loss_topk, KDLossTopK the same loss against a sparse (top-k) teacher; kd_loss_topk_reference its spec
     SpacedReplay             Spaced KD in your own training loop: schedule, replay window, teacher snapshots
 
 Optional parts (Triton, the C++ extension, DALI, CUDA) are probed lazily by :mod:`spacedkd_fast.backends`;
@@ -11,10 +12,11 @@ Optional parts (Triton, the C++ extension, DALI, CUDA) are probed lazily by :mod
 
 import logging
 
-from spacedkd_fast.loss import KDLoss, kd_loss, kd_loss_reference
+from spacedkd_fast.loss import KDLoss, KDLossTopK, kd_loss, kd_loss_reference, kd_loss_topk, kd_loss_topk_reference
 
 __version__ = "0.1.0"
-__all__ = ["KDLoss", "SpacedReplay", "kd_loss", "kd_loss_reference", "__version__"]
+__all__ = ["KDLoss", "KDLossTopK", "SpacedReplay", "kd_loss", "kd_loss_reference", "kd_loss_topk",
+           "kd_loss_topk_reference", "__version__"]
 
 
 def __getattr__(name: str):
