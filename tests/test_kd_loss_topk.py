@@ -184,6 +184,21 @@ def test_padded_teacher_entries_and_masked_student(backend):
     assert_close(rows[keep], ref[keep], 2e-5, 2e-5, "finite rows")
 
 
+@pytest.mark.parametrize("layout", ["time-shift", "transposed"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_students(backend, layout):
+    """A (B, T, V) student time-shifted (x[:, :-1]) or column-major rows, with (B, T−1, k) teachers."""
+    s, _, idx, logits, _, y = topk_inputs(lead=(2, 6), v=30, k=5)
+    if layout == "time-shift":
+        s, idx, logits, y = s[:, :-1], idx[:, 1:], logits[:, 1:], y[:, 1:]
+    else:
+        s = s.reshape(12, 30).t().contiguous().t()
+        idx, logits, y = idx.reshape(12, 5), logits.reshape(12, 5), y.reshape(12)
+    assert not s.is_contiguous()
+    options = dict(temperature=2.0, alpha=0.5, label_smoothing=0.1, reduction="sum")
+    compare(backend, s, renormalize_oracle(idx, logits, y, **options), idx, logits, y, **options)
+
+
 # ---- bucket: the residual mass as one outcome ---------------------------------------------------------------
 @pytest.mark.parametrize("temperature", [1.0, 4.0])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
