@@ -91,10 +91,11 @@ def kd_loss_topk_config(num_rows: int, vocab: int, k: int, column_stride: int = 
     block_v = min(_pow2(vocab), MAX_BLOCK_V)
     one_block = vocab <= block_v
     rows = 1
+    # The k entries (ids, values, the student at the ids, p) stay live beside the column block: both count.
     if one_block:
-        rows_fit = max(1, min(MAX_ROWS, TILE_ELEMENTS // max(block_v, kb)))
+        rows_fit = max(1, min(MAX_ROWS, _pow2_floor(TILE_ELEMENTS // (block_v + kb))))
         rows = min(rows_fit, _pow2_floor(triton.cdiv(num_rows, MIN_PROGRAMS)))
-    num_warps = _warps_for(rows * max(block_v, kb))
+    num_warps = _warps_for(_pow2(rows * (block_v + kb)))
     col64 = (max(vocab, 1) - 1) * max(abs(int(column_stride)), 1) > INT32_MAX
     return dict(ROWS=rows, BV=block_v, KB=kb, ONE_BLOCK=one_block, COL64=col64,
                 grid=(triton.cdiv(num_rows, rows),), num_warps=num_warps, maxnreg=MAX_REGISTERS)
