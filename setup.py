@@ -61,7 +61,7 @@ def extension_build():
 
     ext = CppExtension(
         name="spacedkd_fast._C",
-        sources=["csrc/bindings.cpp", "csrc/kd_loss_cpu.cpp", "csrc/seeds.cpp"],
+        sources=["csrc/bindings.cpp", "csrc/kd_loss_cpu.cpp", "csrc/kd_loss_topk_cpu.cpp", "csrc/seeds.cpp"],
         # -Wno-psabi: the 8-float vector helpers are always inlined, their ABI never crosses a call.
         extra_compile_args=["-O3", "-fopenmp", "-Wno-psabi"],
         extra_link_args=["-fopenmp"],

@@ -50,6 +50,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_forward(const at::Tensor&
   return spacedkd::kd_loss_forward_cpu(student, teacher, target, params, mode, grad_student, grad_teacher);
 }
 
+spacedkd::Reduction parse_reduction(const std::string& reduction) {
+  if (reduction == "mean") return spacedkd::Reduction::kMean;
+  if (reduction == "sum") return spacedkd::Reduction::kSum;
+  TORCH_CHECK(reduction == "none", "spacedkd_fast._C: reduction must be mean, sum or none, got ", reduction);
+  return spacedkd::Reduction::kNone;
+}
+
+#define SPACEDKD_TOPK_CHECK(cond, ...) TORCH_CHECK(cond, "spacedkd_fast._C.kd_loss_topk_forward: ", __VA_ARGS__)
+
+std::tuple<at::Tensor, at::Tensor> kd_loss_topk_forward(const at::Tensor& student, const at::Tensor& indices,
+                                                        const at::Tensor& values,
+                                                        const c10::optional<at::Tensor>& target, double temperature,
+                                                        double ce_weight, double kd_weight, double label_smoothing,
+                                                        int64_t ignore_index, const std::string& reduction,
+                                                        bool bucket, bool grad_student) {
+  SPACEDKD_TOPK_CHECK(student.device().is_cpu() && indices.device().is_cpu() && values.device().is_cpu(),
+                      "student, indices and values must be CPU tensors");
+  SPACEDKD_TOPK_CHECK(student.dim() == 2, "student must be (N, V), got ", student.sizes());
+  SPACEDKD_TOPK_CHECK(supported_dtype(student), "student must be float32, bfloat16 or float16, got ",
+                      student.scalar_type());
+  SPACEDKD_TOPK_CHECK(indices.dim() == 2 && indices.scalar_type() == at::kLong && indices.is_contiguous(),
+                      "indices must be a contiguous (N, k) int64 tensor, got ", indices.scalar_type(), " ",
+                      indices.sizes());
+  SPACEDKD_TOPK_CHECK(values.dim() == 2 && values.scalar_type() == at::kFloat && values.is_contiguous(),
+                      "values must be a contiguous (N, k) float32 tensor, got ", values.scalar_type(), " ",
+                      values.sizes());
+  SPACEDKD_TOPK_CHECK(indices.sizes() == values.sizes() && indices.size(0) == student.size(0),
+                      "indices ", indices.sizes(), ", values ", values.sizes(), " and student ", student.sizes(),
+                      " do not match");
+  SPACEDKD_TOPK_CHECK(indices.size(1) >= 1 && indices.size(1) <= student.size(1), "k = ", indices.size(1),
+                      " must be in [1, V = ", student.size(1), "]");
+  SPACEDKD_TOPK_CHECK(temperature > 0, "temperature must be > 0, got ", temperature);
+  if (target.has_value()) {
+    const auto& y = *target;
+    SPACEDKD_TOPK_CHECK(y.device().is_cpu() && y.scalar_type() == at::kLong && y.dim() == 1 && y.is_contiguous() &&
+                            y.size(0) == student.size(0),
+                        "target must be a contiguous (N,) int64 CPU tensor, got ", y.scalar_type(), " ", y.sizes());
+  }
+  spacedkd::KDLossParams params{static_cast<float>(1.0 / temperature), static_cast<float>(ce_weight),
+                                static_cast<float>(kd_weight), static_cast<float>(label_smoothing), ignore_index,
+                                1.0f};
+  return spacedkd::kd_loss_topk_forward_cpu(student, indices, values, target, params, parse_reduction(reduction),
+                                            bucket, grad_student);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -59,6 +104,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("student"), py::arg("teacher"), py::arg("target"), py::arg("temperature"), py::arg("ce_weight"),
         py::arg("kd_weight"), py::arg("label_smoothing"), py::arg("ignore_index"), py::arg("reduction"),
         py::arg("grad_student"), py::arg("grad_teacher"));
+  m.def("kd_loss_topk_forward", &kd_loss_topk_forward,
+        "Fused KD+CE forward on CPU against a top-k teacher: per-row (or reduced) losses and the dense student "
+        "gradient in one pass over each row.",
+        py::arg("student"), py::arg("indices"), py::arg("values"), py::arg("target"), py::arg("temperature"),
+        py::arg("ce_weight"), py::arg("kd_weight"), py::arg("label_smoothing"), py::arg("ignore_index"),
+        py::arg("reduction"), py::arg("bucket"), py::arg("grad_student"));
   m.def("derive_seeds", &spacedkd::derive_seeds,
         "Per-sample seeds: 63 bits of BLAKE2b-64(head + str(k) + ')') for k < count (derive_seed's values).",
         py::arg("head"), py::arg("count"));

@@ -31,6 +31,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kd_loss_forward_cpu(const at::Ten
                                                                    KDLossParams params, Reduction reduction,
                                                                    bool grad_student, bool grad_teacher);
 
+// Top-k teacher (kd_loss_topk_cpu.cpp): student (N, V) any strides, float32 / bfloat16 / float16; indices (N, k)
+// int64 contiguous, distinct per row (the caller checks duplicates; ids outside [0, V) raise here); values (N, k)
+// float32 contiguous (logits or log-probabilities); target as above. bucket: the teacher's residual mass at T = 1
+// (values are log-probabilities) is one extra outcome against the student's residual mass.
+// Returns (loss, grad_student (N, V) contiguous or undefined): loss is a 0-dim float32 for kSum / kMean, the (N,)
+// per-row losses for kNone; the gradient is that of the reduced loss, unscaled by any grad_output.
+std::tuple<at::Tensor, at::Tensor> kd_loss_topk_forward_cpu(const at::Tensor& student, const at::Tensor& indices,
+                                                            const at::Tensor& values,
+                                                            const c10::optional<at::Tensor>& target,
+                                                            KDLossParams params, Reduction reduction, bool bucket,
+                                                            bool grad_student);
+
 // Free the pooled gradient buffers that no tensor holds (they are otherwise kept, up to 1 GiB, for reuse).
 void release_cached_buffers();
 size_t cached_buffer_bytes();

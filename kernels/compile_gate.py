@@ -59,9 +59,15 @@ class Case:
     target: bool = True
     layout: str = "contiguous"
     student_grad: bool = True  # False: a forward under no_grad (evaluation, a frozen student)
+    topk: int = 0  # > 0: kd_loss_topk with a teacher of this many entries per row (k students and teacher dtype unused)
+    tail: str = "renormalize"  # its tail policy
+    index_dtype: str = "int64"  # its ids' dtype
 
     def label(self) -> str:
         parts = [f"{self.n}x{self.v}", self.dtype]
+        if self.topk:
+            parts.append(f"top-{self.topk}" + (" bucket" if self.tail == "bucket" else "")
+                         + (f" {self.index_dtype} ids" if self.index_dtype != "int64" else ""))
         if self.k:
             parts.append(f"K={self.k}")
         if self.teacher_dtype and self.teacher_dtype != self.dtype:
@@ -177,7 +183,32 @@ def gate_cases(quick: bool = False) -> list[Case | LinearCase]:
     cases += [Case(32768, 128256, dtype="bfloat16", layout="transposed"),
               Case(20000, 131072, dtype="float32", layout="transposed", teacher_grad=True)]
     cases += linear_cases() if not quick else linear_cases()[:8]
+    cases += topk_gate_cases(quick)
     return list(dict.fromkeys(cases))  # unique, in order
+
+
+def topk_gate_cases(quick: bool = False) -> list[Case]:
+    """The top-k teacher kernel (kd_loss_topk): one-block and streamed rows, k from 1 to 256, both tail policies,
+    then T = 1, every reduction, no target, forward only, int32 ids and 64-bit column offsets on a subset."""
+    rows = (1, 4096) if quick else (1, 128, 4096, 8192)
+    vocab = (10, 1001, 32000, 128256) if quick else (10, 100, 1001, 4096, 32000, 128256)
+    cases = [Case(n, v, dtype=d, topk=min(k, v), tail=tail) for n in rows for v in vocab for k in (1, 64, 256)
+             for d in ("float32", "bfloat16") for tail in ("renormalize", "bucket")]
+    for n, v in ((128, 100), (4096, 1001), (8192, 32000), (1, 128256), (8192, 128256)):
+        k = min(64, v)
+        for tail in ("renormalize", "bucket"):
+            cases += [Case(n, v, dtype="float16", topk=k, tail=tail),
+                      Case(n, v, dtype="bfloat16", topk=k, tail=tail, temperature=1.0),
+                      Case(n, v, dtype="bfloat16", topk=k, tail=tail, reduction="none"),
+                      Case(n, v, dtype="bfloat16", topk=k, tail=tail, reduction="sum", alpha=1.0),
+                      Case(n, v, dtype="bfloat16", topk=k, tail=tail, alpha=0.0),
+                      Case(n, v, dtype="bfloat16", topk=k, tail=tail, target=False),
+                      Case(n, v, dtype="bfloat16", topk=k, tail=tail, student_grad=False),
+                      Case(n, v, dtype="bfloat16", topk=k, tail=tail, index_dtype="int32"),
+                      Case(n, v, dtype="bfloat16", topk=k, tail=tail, layout="row-slice")]
+    cases += [Case(32768, 128256, dtype="bfloat16", layout="transposed", topk=256),
+              Case(32768, 128256, dtype="bfloat16", layout="transposed", topk=256, tail="bucket")]
+    return cases
 
 
 # ------------------------------------------------------------------------------------------------ compile-only
@@ -269,6 +300,25 @@ def _launch_linear(case: LinearCase) -> None:
                                  False)
 
 
+def _launch_topk_through_package(case: Case) -> None:
+    """The package's path for a CUDA kd_loss_topk call of the case: options, checks, launcher."""
+    import torch
+
+    from spacedkd_fast.loss.function import run_triton_topk
+    from spacedkd_fast.loss.options import KDOptions
+    from spacedkd_fast.loss.sparse import SparseOptions, canonicalize_topk
+
+    student = _meta_logits(case, (case.n, case.v), getattr(torch, case.dtype))
+    indices = torch.empty((case.n, case.topk), dtype=getattr(torch, case.index_dtype), device="meta")
+    values = torch.empty((case.n, case.topk), dtype=getattr(torch, case.dtype), device="meta")
+    target = torch.empty((case.n,), dtype=torch.int64, device="meta") if case.target else None
+    options = KDOptions(temperature=case.temperature, alpha=case.alpha, label_smoothing=0.1, ignore_index=-100,
+                        reduction=case.reduction)
+    sparse = SparseOptions(tail=case.tail, values="logprobs" if case.tail == "bucket" else "logits")
+    problem = canonicalize_topk(student, indices, values, target, options)
+    run_triton_topk(problem, options, sparse, case.student_grad)
+
+
 def _launch_through_package(case: Case | LinearCase) -> None:
     """The package's own path for a CUDA call of the case: options, argument checks, strided views, launcher."""
     if isinstance(case, LinearCase):
@@ -277,6 +327,9 @@ def _launch_through_package(case: Case | LinearCase) -> None:
     from spacedkd_fast.loss.function import run_triton
     from spacedkd_fast.loss.options import KDOptions
 
+    if case.topk:
+        _launch_topk_through_package(case)
+        return
     student, teacher, target = _case_problem(case)
     if case.teacher_grad:
         teacher = teacher.requires_grad_(True)
@@ -486,14 +539,21 @@ def run_gate(cases: Iterable[Case], archs: Sequence[int] = (90,), jobs: int | No
                       seconds=time.perf_counter() - started)
 
 
-_FLAGS = ("HAS_TARGET", "HAS_CE", "HAS_KD", "GRAD_S", "GRAD_T", "TEMP_IS_ONE", "MEAN", "COL64")
+_FLAGS = ("HAS_TARGET", "HAS_CE", "HAS_KD", "GRAD_S", "GRAD_T", "TEMP_IS_ONE", "MEAN", "COL64", "BUCKET")
+
+
+def _path(k: Compiled) -> str:
+    c = k.config
+    path = "single-program" if c.get("SINGLE_PROGRAM") else ("one-block" if c.get("ONE_BLOCK") else "streaming")
+    return f"top-k {path}" if "topk" in k.kernel else path
 
 
 def _config_text(k: Compiled) -> str:
     c = k.config
-    path = "single-program" if c.get("SINGLE_PROGRAM") else ("one-block" if c.get("ONE_BLOCK") else "streaming")
     flags = "+".join(f.lower() for f in _FLAGS if c.get(f))
-    return f"{path} {c.get('ROWS')}x{c.get('KP')}x{c.get('BV')} w{k.num_warps} {flags}"
+    if "topk" in k.kernel:
+        return f"{_path(k)} {c.get('ROWS')}x{c.get('BV')} k{c.get('KB')} w{k.num_warps} {flags}"
+    return f"{_path(k)} {c.get('ROWS')}x{c.get('KP')}x{c.get('BV')} w{k.num_warps} {flags}"
 
 
 def format_table(report: GateReport, full: bool = False) -> str:
@@ -512,9 +572,8 @@ def format_table(report: GateReport, full: bool = False) -> str:
         groups: dict[tuple, list[Compiled]] = {}
         for k in report.kernels:
             c = k.config
-            path = ("single-program" if c.get("SINGLE_PROGRAM") else
-                    "one-block" if c.get("ONE_BLOCK") else "streaming") + (" + teacher grad" if c.get("GRAD_T")
-                                                                          else "")
+            path = _path(k) + (" + teacher grad" if c.get("GRAD_T") else "") + (" + bucket" if c.get("BUCKET")
+                                                                                  else "")
             groups.setdefault((k.arch, path), []).append(k)
         for (arch, path), ks in sorted(groups.items()):
             regs = [k.registers or 0 for k in ks]
@@ -539,11 +598,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=None, help="compiling processes (default: the CPU count)")
     parser.add_argument("--json", default=None, help="write the full report here")
     parser.add_argument("--full", action="store_true", help="one table row per compiled kernel")
+    parser.add_argument("--only", choices=("all", "dense", "topk"), default="all",
+                        help="the dense kernel's cases, the top-k kernel's, or both (default)")
     args = parser.parse_args(argv)
     if os.environ.pop("TRITON_INTERPRET", None) == "1" and "spacedkd_fast.kernels.kd_loss" in sys.modules:
         # triton.jit decided at import time: start again in a clean process.
         return subprocess.call([sys.executable, "-m", "spacedkd_fast.kernels.compile_gate", *(argv or sys.argv[1:])])
-    report = run_gate(gate_cases(args.quick), args.arch, args.jobs, log=print)
+    cases = gate_cases(args.quick)
+    if args.only != "all":
+        cases = [c for c in cases if bool(c.topk) == (args.only == "topk")]
+    report = run_gate(cases, args.arch, args.jobs, log=print)
     print(format_table(report, full=args.full))
     n_spill = sum(1 for k in report.kernels if not k.ok)
     verdict = "OK, 0 bytes spilled" if report.ok else (

@@ -82,3 +82,20 @@ def kd_loss_config(num_rows: int, num_students: int, vocab: int, reduced: bool, 
     return dict(ROWS=rows, KP=kp, BV=block_v, ONE_BLOCK=one_block, SINGLE_PROGRAM=single,
                 COUNT_BLOCK=min(_pow2(num_rows), 1024) if single else 16, COL64=col64, grid=grid, num_warps=num_warps,
                 maxnreg=MAX_REGISTERS)
+
+
+def kd_loss_topk_config(num_rows: int, vocab: int, k: int, column_stride: int = 1) -> dict:
+    """Launch configuration for ``_kd_loss_topk_kernel``: ROWS rows × BV columns per program, the k teacher
+    entries as a ``[ROWS, KB]`` block beside them (KB = k rounded up to a power of 2, ≤ 256)."""
+    kb = _pow2(k)
+    block_v = min(_pow2(vocab), MAX_BLOCK_V)
+    one_block = vocab <= block_v
+    rows = 1
+    # The k entries (ids, values, the student at the ids, p) stay live beside the column block: both count.
+    if one_block:
+        rows_fit = max(1, min(MAX_ROWS, _pow2_floor(TILE_ELEMENTS // (block_v + kb))))
+        rows = min(rows_fit, _pow2_floor(triton.cdiv(num_rows, MIN_PROGRAMS)))
+    num_warps = _warps_for(_pow2(rows * (block_v + kb)))
+    col64 = (max(vocab, 1) - 1) * max(abs(int(column_stride)), 1) > INT32_MAX
+    return dict(ROWS=rows, BV=block_v, KB=kb, ONE_BLOCK=one_block, COL64=col64,
+                grid=(triton.cdiv(num_rows, rows),), num_warps=num_warps, maxnreg=MAX_REGISTERS)

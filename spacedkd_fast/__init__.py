@@ -6,6 +6,7 @@ Public API:
     kd_loss_from_hidden, FusedLinearKDLoss
                              the same loss from hidden states and the heads' weights, chunked: the N × V logits
                              never exist (LLM distillation)
+    kd_loss_topk, KDLossTopK the same loss against a sparse (top-k) teacher; kd_loss_topk_reference its spec
     SpacedReplay             Spaced KD in your own training loop: schedule, replay window, teacher snapshots
 
 Optional parts (Triton, the C++ extension, DALI, CUDA) are probed lazily by :mod:`spacedkd_fast.backends`;
@@ -14,11 +15,20 @@ Optional parts (Triton, the C++ extension, DALI, CUDA) are probed lazily by :mod
 
 import logging
 
-from spacedkd_fast.loss import FusedLinearKDLoss, KDLoss, kd_loss, kd_loss_from_hidden, kd_loss_reference
+from spacedkd_fast.loss import (
+    FusedLinearKDLoss,
+    KDLoss,
+    KDLossTopK,
+    kd_loss,
+    kd_loss_from_hidden,
+    kd_loss_reference,
+    kd_loss_topk,
+    kd_loss_topk_reference,
+)
 
 __version__ = "0.1.0"
-__all__ = ["FusedLinearKDLoss", "KDLoss", "SpacedReplay", "kd_loss", "kd_loss_from_hidden", "kd_loss_reference",
-           "__version__"]
+__all__ = ["FusedLinearKDLoss", "KDLoss", "KDLossTopK", "SpacedReplay", "kd_loss", "kd_loss_from_hidden",
+           "kd_loss_reference", "kd_loss_topk", "kd_loss_topk_reference", "__version__"]
 
 
 def __getattr__(name: str):

@@ -49,6 +49,21 @@ def test_every_configuration_compiles_without_spills(tmp_path):
     assert any(c["COL64"] for c in configs)
     assert any(c["KP"] >= 4 for c in configs)
     assert "0 bytes spilled" in result.stdout and "| sm_90a | streaming |" in result.stdout
+    # The top-k teacher kernel too: one-block and streamed, both tail policies.
+    topk = [k for k in kernels if "topk" in k["kernel"]]
+    assert any(k["config"]["ONE_BLOCK"] for k in topk) and any(not k["config"]["ONE_BLOCK"] for k in topk)
+    assert any(k["config"]["BUCKET"] for k in topk) and any(k["config"]["KB"] == 256 for k in topk)
+
+
+def test_topk_kernel_is_gated():
+    """kd_loss_topk's kernel is in the grid and goes through the gate's compile-only launcher like the dense one."""
+    cases = gate.gate_cases()
+    assert any(c.topk == 256 for c in cases) and any(c.tail == "bucket" for c in cases)
+    report = gate.run_gate([gate.Case(128, 1001, dtype="bfloat16", topk=64, tail="bucket")], archs=(90,), jobs=1)
+    assert report.ok, gate.format_table(report)
+    (kernel,) = report.kernels
+    assert "topk" in kernel.kernel and kernel.config["BUCKET"] and kernel.spill_bytes == 0
+    assert "top-k one-block" in gate.format_table(report)
 
 
 def test_gate_catches_spills(monkeypatch):

@@ -7,9 +7,10 @@ from torch import Tensor, nn
 
 from spacedkd_fast import backends
 from spacedkd_fast.loss.args import canonicalize, check_target_values
-from spacedkd_fast.loss.function import fused_kd_loss
+from spacedkd_fast.loss.function import fused_kd_loss, fused_kd_loss_topk
 from spacedkd_fast.loss.options import KDOptions, options_of
 from spacedkd_fast.loss.reference import rows_reduced_reference
+from spacedkd_fast.loss.sparse import SparseOptions, canonicalize_topk, check_index_values, topk_reduced_reference
 
 
 def kd_loss(
@@ -118,3 +119,97 @@ class KDLoss(nn.Module):
     def extra_repr(self) -> str:
         fields = {f: getattr(self.options, f) for f in self.options.__dataclass_fields__}
         return ", ".join(f"{k}={v!r}" for k, v in {**fields, "backend": self.backend}.items())
+
+
+# ---- top-k (sparse) teacher ----------------------------------------------------------------------------------
+def kd_loss_topk(
+    student_logits: Tensor,
+    teacher_indices: Tensor,
+    teacher_values: Tensor,
+    target: Tensor | None = None,
+    *,
+    values: str = "logits",
+    tail: str = "renormalize",
+    temperature: float = 1.0,
+    alpha: float = 0.5,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    t_squared: bool = True,
+    backend: str = "auto",
+) -> Tensor:
+    """:func:`kd_loss` against a sparse teacher: its top-k ``(indices, values)`` per row instead of a dense row.
+
+    The objective, the tail policies and the limits are specified in :mod:`spacedkd_fast.loss.sparse`.
+
+    Args:
+        student_logits: ``(..., V)`` logits (the full row: CE and the student softmax use all of it).
+        teacher_indices: ``(..., k)`` int64 or int32 token ids, distinct per row, in ``[0, V)``; 1 ≤ k ≤ 256.
+        teacher_values: ``(..., k)`` float values at those ids: logits or log-probabilities (``values``). They get no
+            gradient (offline targets).
+        target: ``(...)`` labels, or None (the KL term alone).
+        values: "logits" or "logprobs" (the teacher's full-distribution log-probabilities at T = 1).
+        tail: the teacher's mass outside its top-k: "renormalize" (dropped; the top-k renormalized at T) or
+            "bucket" (one extra outcome against the student's residual mass; needs ``values="logprobs"``).
+        temperature, alpha, label_smoothing, ignore_index, reduction, t_squared, backend: as for :func:`kd_loss`.
+
+    Returns:
+        The loss (float32, or float64 for float64 inputs): ``()`` for mean/sum, ``(...)`` for none. The student's
+        gradient is dense, in its dtype. Under ``torch.compile`` the call is a graph break (it runs eagerly).
+    """
+    options = KDOptions(temperature=temperature, alpha=alpha, label_smoothing=label_smoothing,
+                        ignore_index=ignore_index, reduction=reduction, t_squared=t_squared)
+    sparse = SparseOptions(tail=tail, values=values)
+    return kd_loss_topk_with(student_logits, teacher_indices, teacher_values, target, options, sparse, backend)
+
+
+def kd_loss_topk_with(student_logits: Tensor, teacher_indices: Tensor, teacher_values: Tensor,
+                      target: Tensor | None, options: KDOptions, sparse: SparseOptions,
+                      backend: str = "auto") -> Tensor:
+    """:func:`kd_loss_topk` with its options as checked values (what :class:`KDLossTopK` calls)."""
+    problem = canonicalize_topk(student_logits, teacher_indices, teacher_values, target, options,
+                                check_values=False)
+    dtype = torch.float64 if torch.float64 in (student_logits.dtype, teacher_values.dtype) else student_logits.dtype
+    chosen = backends.select_loss_backend(backend, student_logits.device, dtype)
+    # Duplicated ids are checked here for every backend; the C++ kernel checks labels and id ranges in its pass.
+    if problem.target is not None and chosen != "cpp":
+        check_target_values(problem.target, problem.vocab, options.ignore_index)
+    check_index_values(problem.indices, problem.vocab, problem.valid_rows())
+    if chosen == "torch":
+        return topk_reduced_reference(problem, options, sparse)
+    return fused_kd_loss_topk(problem, options, sparse, backend=chosen, allow_fallback=backend == "auto")
+
+
+class KDLossTopK(nn.Module):
+    """Module form of :func:`kd_loss_topk`, called as ``loss_fn(student_logits, teacher_indices, teacher_values,
+    target=None)``; its arguments are checked at construction."""
+
+    def __init__(
+        self,
+        *,
+        values: str = "logits",
+        tail: str = "renormalize",
+        temperature: float = 1.0,
+        alpha: float = 0.5,
+        label_smoothing: float = 0.0,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        t_squared: bool = True,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.options = KDOptions(temperature=temperature, alpha=alpha, label_smoothing=label_smoothing,
+                                 ignore_index=ignore_index, reduction=reduction, t_squared=t_squared)
+        self.sparse = SparseOptions(tail=tail, values=values)
+        if backend not in backends.LOSS_BACKENDS:
+            raise ValueError(f"kd_loss: backend must be one of {backends.LOSS_BACKENDS}, got {backend!r}")
+        self.backend = backend
+
+    def forward(self, student_logits: Tensor, teacher_indices: Tensor, teacher_values: Tensor,
+                target: Tensor | None = None) -> Tensor:
+        return kd_loss_topk_with(student_logits, teacher_indices, teacher_values, target, self.options, self.sparse,
+                                 self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"tail={self.sparse.tail!r}, values={self.sparse.values!r}, temperature={self.options.temperature}, "
+                f"alpha={self.options.alpha}, reduction={self.options.reduction!r}, backend={self.backend!r}")

@@ -320,4 +320,100 @@ def fused_kd_loss(problem: KDProblem, options: KDOptions, *, backend: str, allow
                               allow_fallback)
 
 
-__all__ = ["kd_loss_fused", "fused_kd_loss", "run_triton"]
+# ---- top-k teacher (spacedkd_fast/loss/sparse.py): the same forward-computes-the-gradient pattern ------------
+def run_triton_topk(problem, options: KDOptions, sparse, grad_student: bool):
+    """The Triton top-k launcher with the options as its scalars (the compile gate launches through here too)."""
+    from spacedkd_fast.kernels.kd_loss_topk_launch import kd_loss_topk_forward
+
+    ce_weight, kd_weight = options.weights(problem.target is not None)
+    return kd_loss_topk_forward(
+        problem.student_rows(), problem.indices, problem.values.detach(), problem.target,
+        temperature=options.temperature, ce_weight=ce_weight, kd_weight=kd_weight,
+        label_smoothing=options.label_smoothing, ignore_index=options.ignore_index, reduction=options.reduction,
+        bucket=sparse.bucket, grad_student=grad_student)
+
+
+def _run_cpp_topk(problem, options: KDOptions, sparse, grad_student: bool):
+    from spacedkd_fast import _C
+
+    target = problem.target
+    if target is not None:
+        target = target.to(torch.int64).contiguous()
+    ce_weight, kd_weight = options.weights(target is not None)
+    # The kernel counts the non-ignored rows and checks labels and id ranges itself (free on CPU).
+    return _C.kd_loss_topk_forward(
+        problem.student_rows(), problem.indices.to(torch.int64).contiguous(),
+        problem.values.detach().to(torch.float32).contiguous(), target, options.temperature, ce_weight, kd_weight,
+        options.label_smoothing, options.ignore_index, options.reduction, sparse.bucket, grad_student)
+
+
+def _run_reference_topk(problem, options: KDOptions, sparse, grad_student: bool):
+    """The kernels' contract by the torch reference and autograd (the fallback when Triton fails to compile)."""
+    from spacedkd_fast.loss.sparse import reduce_topk_rows, topk_rows_reference
+
+    with torch.enable_grad():
+        student = problem.student_rows().detach().requires_grad_(grad_student)
+        rows = topk_rows_reference(student, problem.indices, problem.values.detach(), problem.target, options,
+                                   sparse).float()
+        loss = reduce_topk_rows(rows, problem, options.reduction).reshape(-1 if options.reduction == "none" else ())
+        grad = torch.autograd.grad(loss.sum(), student)[0].to(problem.student.dtype) if grad_student else None
+    return loss.detach(), grad
+
+
+def _forward_topk(problem, options: KDOptions, sparse, grad_student: bool, backend: str, allow_fallback: bool):
+    """``(loss in its public shape, float32; the student gradient of the reduced loss in the student's shape, or
+    None)``."""
+    student = problem.student
+    loss_shape = problem.lead_shape if options.reduction == "none" else ()
+    if problem.num_rows == 0:
+        return (torch.zeros(loss_shape, dtype=torch.float32, device=student.device),
+                torch.zeros_like(student) if grad_student else None)
+    if backend == "triton":
+        try:
+            loss, grad = run_triton_topk(problem, options, sparse, grad_student)
+        except _triton_compile_errors() as exc:
+            backends.mark_triton_broken(f"{type(exc).__name__}")
+            if not allow_fallback:
+                raise RuntimeError(f"kd_loss_topk: backend='triton' requested but the Triton kernel failed to "
+                                   f"compile ({type(exc).__name__})") from exc
+            backends.warn_once("triton-compile-topk", "the Triton kd_loss_topk kernel failed to compile; "
+                                                      "kd_loss_topk uses the torch reference from now on")
+            loss, grad = _run_reference_topk(problem, options, sparse, grad_student)
+    else:
+        loss, grad = _run_cpp_topk(problem, options, sparse, grad_student)
+    return loss.reshape(loss_shape), (grad.view(student.shape) if grad_student else None)
+
+
+class _FusedKDLossTopK(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student, problem, options, sparse, backend, allow_fallback):
+        loss, grad_s = _forward_topk(problem, options, sparse, True, backend, allow_fallback)
+        ctx.grads = grad_s
+        ctx.reduction, ctx.student_dim = options.reduction, student.dim()
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        if ctx.grads is None:
+            raise RuntimeError("kd_loss_topk: trying to backward through the graph a second time: its saved "
+                               "gradient was scaled in place and freed by the first backward. Specify "
+                               "retain_graph=True if you need to backward through the graph a second time.")
+        grad_s = ctx.grads
+        in_place = not _graph_retained()
+        if in_place:
+            ctx.grads = None
+        d_student, _ = _scaled_gradients(grad_loss, grad_s, None, reduction=ctx.reduction, multi=False,
+                                         teacher_dim=ctx.student_dim, in_place=in_place)
+        return (d_student,) + (None,) * 5
+
+
+@torch.compiler.disable  # under torch.compile: a clean graph break, this call runs eagerly (no custom op yet)
+def fused_kd_loss_topk(problem, options: KDOptions, sparse, *, backend: str, allow_fallback: bool = False) -> Tensor:
+    """Run a checked top-k problem through the Triton or C++ backend, with autograd for the student."""
+    if not (torch.is_grad_enabled() and problem.student.requires_grad):
+        return _forward_topk(problem, options, sparse, False, backend, allow_fallback)[0]
+    return _FusedKDLossTopK.apply(problem.student, problem, options, sparse, backend, allow_fallback)
+
+
+__all__ = ["kd_loss_fused", "fused_kd_loss", "fused_kd_loss_topk", "run_triton", "run_triton_topk"]

@@ -65,7 +65,7 @@ from torch import Tensor
 from spacedkd_fast.loss.args import KDProblem, canonicalize
 from spacedkd_fast.loss.options import KDOptions
 
-__all__ = ["kd_loss_reference", "kd_loss_rows_reference", "kd_loss_terms_reference", "reduce_rows",
+__all__ = ["ce_reference", "kd_loss_reference", "kd_loss_rows_reference", "kd_loss_terms_reference", "reduce_rows",
            "rows_reduced_reference"]
 
 
@@ -103,17 +103,28 @@ def kd_loss_terms_reference(student: Tensor, teacher: Tensor, target: Tensor | N
     if target is None:
         return None, kl
 
-    log_s = F.log_softmax(s, dim=-1)  # (K, N, V) student at T = 1
+    return torch.where(valid, ce_reference(s, target, valid, label_smoothing), zero), torch.where(valid, kl, zero)
+
+
+def ce_reference(s: Tensor, target: Tensor, valid: Tensor, label_smoothing: float) -> Tensor:
+    """``CE_ε(s, y)`` per row at T = 1, over the unmasked tokens U (the CE term of every kd_loss form, the dense
+    teacher's and the top-k teacher's alike).
+
+    Args:
+        s: ``(..., N, V)`` student logits in the compute dtype, ignored rows already zeroed.
+        target: ``(N,)`` labels; ``valid``: ``(N,)`` the rows that are not ignored (others read label 0).
+    """
+    zero = torch.zeros((), dtype=s.dtype, device=s.device)
+    log_s = F.log_softmax(s, dim=-1)  # student at T = 1
     safe_target = torch.where(valid, target, torch.zeros_like(target)).long()
     nll = -log_s.gather(-1, safe_target.expand(log_s.shape[:-1]).unsqueeze(-1)).squeeze(-1)  # lse(s) − s_y
-    ce = nll
-    if label_smoothing != 0.0:
-        # lse(s) − mean_U(s): the mean over the unmasked tokens U (student logit > −inf) only; masked tokens are
-        # outside the vocabulary, and their log-probability −inf never enters the sum (nor, through it, a gradient).
-        unmasked = s != float("-inf")
-        smooth = -torch.where(unmasked, log_s, zero).sum(dim=-1) / unmasked.sum(dim=-1)
-        ce = (1.0 - label_smoothing) * nll + label_smoothing * smooth
-    return torch.where(valid, ce, zero), torch.where(valid, kl, zero)
+    if label_smoothing == 0.0:
+        return nll
+    # lse(s) − mean_U(s): the mean over the unmasked tokens U (student logit > −inf) only; masked tokens are
+    # outside the vocabulary, and their log-probability −inf never enters the sum (nor, through it, a gradient).
+    unmasked = s != float("-inf")
+    smooth = -torch.where(unmasked, log_s, zero).sum(dim=-1) / unmasked.sum(dim=-1)
+    return (1.0 - label_smoothing) * nll + label_smoothing * smooth
 
 
 def kd_loss_rows_reference(student: Tensor, teacher: Tensor, target: Tensor | None, options: KDOptions) -> Tensor:
