@@ -606,7 +606,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return subprocess.call([sys.executable, "-m", "spacedkd_fast.kernels.compile_gate", *(argv or sys.argv[1:])])
     cases = gate_cases(args.quick)
     if args.only != "all":
-        cases = [c for c in cases if bool(c.topk) == (args.only == "topk")]
+        cases = [c for c in cases if bool(getattr(c, "topk", 0)) == (args.only == "topk")]
     report = run_gate(cases, args.arch, args.jobs, log=print)
     print(format_table(report, full=args.full))
     n_spill = sum(1 for k in report.kernels if not k.ok)

@@ -58,7 +58,8 @@ def test_every_configuration_compiles_without_spills(tmp_path):
 def test_topk_kernel_is_gated():
     """kd_loss_topk's kernel is in the grid and goes through the gate's compile-only launcher like the dense one."""
     cases = gate.gate_cases()
-    assert any(c.topk == 256 for c in cases) and any(c.tail == "bucket" for c in cases)
+    topk = [c for c in cases if getattr(c, "topk", 0)]  # (the fused-linear cases have no top-k)
+    assert any(c.topk == 256 for c in topk) and any(c.tail == "bucket" for c in topk)
     report = gate.run_gate([gate.Case(128, 1001, dtype="bfloat16", topk=64, tail="bucket")], archs=(90,), jobs=1)
     assert report.ok, gate.format_table(report)
     (kernel,) = report.kernels
