@@ -17,7 +17,7 @@ from torch import Tensor
 from spacedkd_fast.loss.options import REDUCTIONS, KDOptions, _fail
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-__all__ = ["REDUCTIONS", "FLOAT_DTYPES", "KDProblem", "canonicalize", "check_target_values"]
+__all__ = ["REDUCTIONS", "FLOAT_DTYPES", "KDProblem", "canonicalize", "check_target_values", "flat_checked_target"]
 
 
 def _check_logits(name: str, x) -> None:
@@ -46,6 +46,26 @@ def check_target_values(target: Tensor, vocab: int, ignore_index: int) -> None:
         values = target[bad][:5].tolist()
         _fail(ValueError, f"target holds labels outside [0, {vocab}) that are not ignore_index={ignore_index}: "
                           f"{values}{' ...' if int(bad.sum()) > 5 else ''}")
+
+
+def flat_checked_target(target, lead_shape: tuple[int, ...], shaped_like: str, shaped_like_shape: tuple[int, ...],
+                        device: torch.device, on_device: str) -> Tensor | None:
+    """The labels of a loss call as ``(N,)``, after checking them (every loss's one rule): None, or a tensor of
+    integer class indices of ``lead_shape``, the leading shape of the argument named ``shaped_like`` (of shape
+    ``shaped_like_shape``), on ``device`` (``on_device`` names what is there, as "student_logits is").
+    Their values are checked apart (:func:`check_target_values`), where the backend does not."""
+    if target is None:
+        return None
+    if not isinstance(target, Tensor):
+        _fail(TypeError, f"target must be a torch.Tensor of class indices or None, got {type(target).__name__}")
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        _fail(TypeError, f"target must be an integer tensor of class indices, got dtype {target.dtype}")
+    if tuple(target.shape) != lead_shape:
+        _fail(ValueError, f"target shape {tuple(target.shape)} does not match the leading shape {lead_shape} of "
+                          f"{shaped_like} {shaped_like_shape}: one label per row")
+    if target.device != device:
+        _fail(ValueError, f"target is on {target.device} but {on_device} on {device}")
+    return target.reshape(-1)
 
 
 @dataclass(frozen=True)
@@ -197,20 +217,10 @@ def canonicalize(student_logits, teacher_logits, target, options: KDOptions, *,
                           f"{teacher_logits.device}")
 
     lead_shape = t_shape[:-1]
-    flat_target = None
-    if target is not None:
-        if not isinstance(target, Tensor):
-            _fail(TypeError, f"target must be a torch.Tensor of class indices or None, got {type(target).__name__}")
-        if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
-            _fail(TypeError, f"target must be an integer tensor of class indices, got dtype {target.dtype}")
-        if tuple(target.shape) != lead_shape:
-            _fail(ValueError, f"target shape {tuple(target.shape)} does not match the leading shape {lead_shape} of "
-                              f"teacher_logits {t_shape}")
-        if target.device != teacher_logits.device:
-            _fail(ValueError, f"target is on {target.device} but the logits are on {teacher_logits.device}")
-        flat_target = target.reshape(-1)
-        if check_targets:
-            check_target_values(flat_target, vocab, options.ignore_index)
+    flat_target = flat_checked_target(target, lead_shape, "teacher_logits", t_shape, teacher_logits.device,
+                                      "the logits are")
+    if flat_target is not None and check_targets:
+        check_target_values(flat_target, vocab, options.ignore_index)
 
     return KDProblem(
         student=student_logits, teacher=teacher_logits, target=flat_target,

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from spacedkd_fast import backends
-from spacedkd_fast.loss.args import FLOAT_DTYPES, KDProblem, check_target_values
+from spacedkd_fast.loss.args import FLOAT_DTYPES, KDProblem, check_target_values, flat_checked_target
 from spacedkd_fast.loss.function import _forward, _graph_retained
 from spacedkd_fast.loss.options import KDOptions
 
@@ -201,16 +201,10 @@ def canonicalize_linear(student_hidden, student_weight, teacher, teacher_weight,
         if isinstance(x, Tensor) and x.device != device:
             _fail(ValueError, f"{name} is on {x.device} but student_hidden is on {device}")
 
-    flat_target = None
-    if target is not None:
-        if not isinstance(target, Tensor):
-            _fail(TypeError, f"target must be a torch.Tensor of class indices or None, got {type(target).__name__}")
-        if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
-            _fail(TypeError, f"target must be an integer tensor of class indices, got dtype {target.dtype}")
-        if tuple(target.shape) != lead_shape:
-            _fail(ValueError, f"target shape {tuple(target.shape)} does not match the leading shape {lead_shape} of "
-                              f"student_hidden {tuple(student_hidden.shape)}: one label per row")
-        flat_target = target.reshape(-1).to(torch.int64)
+    flat_target = flat_checked_target(target, lead_shape, "student_hidden", tuple(student_hidden.shape), device,
+                                      "student_hidden is")
+    if flat_target is not None:
+        flat_target = flat_target.to(torch.int64)
 
     n = math.prod(lead_shape)
     if chunk_size is None:

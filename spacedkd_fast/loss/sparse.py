@@ -66,7 +66,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from spacedkd_fast.loss.args import FLOAT_DTYPES, _check_logits, check_target_values
+from spacedkd_fast.loss.args import FLOAT_DTYPES, _check_logits, check_target_values, flat_checked_target
 from spacedkd_fast.loss.options import KDOptions, _fail
 from spacedkd_fast.loss.reference import ce_reference
 
@@ -201,18 +201,8 @@ def canonicalize_topk(student_logits, teacher_indices, teacher_values, target, o
         if x.device != student_logits.device:
             _fail(ValueError, f"{name} is on {x.device} but student_logits is on {student_logits.device}")
     lead_shape = s_shape[:-1]
-    flat_target = None
-    if target is not None:
-        if not isinstance(target, Tensor):
-            _fail(TypeError, f"target must be a torch.Tensor of class indices or None, got {type(target).__name__}")
-        if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
-            _fail(TypeError, f"target must be an integer tensor of class indices, got dtype {target.dtype}")
-        if tuple(target.shape) != lead_shape:
-            _fail(ValueError, f"target shape {tuple(target.shape)} does not match the leading shape {lead_shape} of "
-                              f"student_logits {s_shape}")
-        if target.device != student_logits.device:
-            _fail(ValueError, f"target is on {target.device} but student_logits is on {student_logits.device}")
-        flat_target = target.reshape(-1)
+    flat_target = flat_checked_target(target, lead_shape, "student_logits", s_shape, student_logits.device,
+                                      "student_logits is")
     n = math.prod(lead_shape)
     problem = TopKProblem(student=student_logits, indices=teacher_indices.reshape(n, k),
                           values=teacher_values.reshape(n, k), target=flat_target, lead_shape=lead_shape,
