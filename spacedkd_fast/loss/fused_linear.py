@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from spacedkd_fast import backends
 from spacedkd_fast.loss.args import FLOAT_DTYPES, KDProblem, check_target_values, flat_checked_target
-from spacedkd_fast.loss.function import _forward, _graph_retained
+from spacedkd_fast.loss.function import _forward, _graph_retained, once_differentiable
 from spacedkd_fast.loss.options import KDOptions
 
 __all__ = ["FusedLinearKDLoss", "default_chunk_size", "kd_loss_from_hidden"]
@@ -445,7 +445,7 @@ class _FusedLinearKD(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable
     def backward(ctx, grad_loss):
         if ctx.options.reduction == "none":
             problem = ctx.problem.with_tensors(*ctx.saved_tensors)
