@@ -395,6 +395,11 @@ def test_peer_failures_are_told_apart_from_other_errors():
     closed = RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:1234. This is "
                           "typically caused by a remote worker crashing.")
     assert peer_lost(closed, two).detail == "Connection closed by peer [127.0.0.1]:1234"
+    # gloo, in the next collective on a pair a timeout closed (DDP's buffer broadcast, when the timed-out wait was
+    # the previous one): a timeout too (seen in CI, the machine loaded)
+    closed_by_timeout = RuntimeError("Application timeout caused pair closure")
+    assert peer_lost(closed_by_timeout, two).timed_out
+    assert "no answer within 20 s" in peer_lost(closed_by_timeout, two).line(None)
     assert peer_lost(RuntimeError("mat1 and mat2 shapes cannot be multiplied"), two) is None  # a bug keeps its trace
     assert peer_lost(timed_out, DistInfo()) is None  # one process has no peers
 

@@ -71,7 +71,8 @@ def peer_lost_line(rank: int, world: int, collective: str, detail: str, folder: 
 # c10d store): an error from a collective that carries none of them (a wrong shape, a bug) is not reported as a
 # lost peer, it keeps its traceback.
 _PEER_ERRORS = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer",
-                "Broken pipe", "Socket Timeout", "NCCL communicator was aborted", "Watchdog caught collective")
+                "Broken pipe", "Socket Timeout", "NCCL communicator was aborted", "Watchdog caught collective",
+                "Application timeout caused pair closure")  # (gloo, a collective after a timed-out one on the pair)
 
 
 def _describe(exc: BaseException, timeout: float | None = None) -> tuple[str, bool] | None:
