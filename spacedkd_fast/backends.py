@@ -126,6 +126,13 @@ def triton_can_run_on(device: torch.device) -> bool:
     return device.type == "cpu" and triton_interpreter() and triton().available
 
 
+def check_loss_backend(backend) -> str:
+    """``backend`` when it names a loss backend (``LOSS_BACKENDS``), else the one ValueError every loss raises."""
+    if backend not in LOSS_BACKENDS:
+        raise ValueError(f"kd_loss: backend must be one of {LOSS_BACKENDS}, got {backend!r}")
+    return backend
+
+
 @torch.compiler.assume_constant_result  # torch.compile bakes the choice in instead of tracing the probes
 def select_loss_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
     """Resolve ``backend`` for a kd_loss call on tensors of ``device`` / ``dtype``.
@@ -133,8 +140,7 @@ def select_loss_backend(requested: str, device: torch.device, dtype: torch.dtype
     ``auto`` picks Triton on CUDA, the C++ extension on CPU and the torch reference otherwise (float64 always
     goes to the reference). An explicitly requested backend that cannot run raises with the reason.
     """
-    if requested not in LOSS_BACKENDS:
-        raise ValueError(f"kd_loss: backend must be one of {LOSS_BACKENDS}, got {requested!r}")
+    check_loss_backend(requested)
     if requested == "auto":
         forced = os.environ.get("SPACEDKD_LOSS_BACKEND")
         if forced:

@@ -109,8 +109,7 @@ class KDLoss(nn.Module):
         self.options = KDOptions(temperature=temperature, alpha=alpha, label_smoothing=label_smoothing,
                                  ignore_index=ignore_index, reduction=reduction, t_squared=t_squared,
                                  teacher_grad=teacher_grad, vocab_mismatch=vocab_mismatch)
-        if backend not in backends.LOSS_BACKENDS:
-            raise ValueError(f"kd_loss: backend must be one of {backends.LOSS_BACKENDS}, got {backend!r}")
+        backends.check_loss_backend(backend)
         self.backend = backend
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor | None = None) -> Tensor:
@@ -201,8 +200,7 @@ class KDLossTopK(nn.Module):
         self.options = KDOptions(temperature=temperature, alpha=alpha, label_smoothing=label_smoothing,
                                  ignore_index=ignore_index, reduction=reduction, t_squared=t_squared)
         self.sparse = SparseOptions(tail=tail, values=values)
-        if backend not in backends.LOSS_BACKENDS:
-            raise ValueError(f"kd_loss: backend must be one of {backends.LOSS_BACKENDS}, got {backend!r}")
+        backends.check_loss_backend(backend)
         self.backend = backend
 
     def forward(self, student_logits: Tensor, teacher_indices: Tensor, teacher_values: Tensor,

@@ -122,13 +122,13 @@ def _triton_compile_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def _run_triton_or_fallback(problem: KDProblem, student4, teacher3, options: KDOptions, grad_student, grad_teacher,
-                            allow_fallback: bool):
-    """Triton; when the kernel fails to *compile* (a Triton/driver combination the kernel does not support),
-    the torch reference, with one log line, and Triton is not tried again in this process (``backend="auto"``);
-    an explicit ``backend="triton"`` raises instead."""
+def _triton_or_reference(what: str, run_kernel, run_reference, allow_fallback: bool):
+    """``run_kernel()`` (Triton); when the kernel fails to *compile* (a Triton/driver combination it does not
+    support), ``run_reference()``, the torch reference computing the same contract, with one log line, and Triton
+    is not tried again in this process (``backend="auto"``); an explicit ``backend="triton"`` raises instead.
+    ``what`` names the loss in the messages (kd_loss, kd_loss_topk)."""
     try:
-        return run_triton(problem, student4, teacher3, options, grad_student, grad_teacher)
+        return run_kernel()
     except _triton_compile_errors() as exc:
         # Triton's messages put the location first and the error last (with source lines between).
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
@@ -136,11 +136,11 @@ def _run_triton_or_fallback(problem: KDProblem, student4, teacher3, options: KDO
         reason = f"{type(exc).__name__}: {where_what}" if lines else type(exc).__name__
         backends.mark_triton_broken(reason)
         if not allow_fallback:
-            raise RuntimeError(f"kd_loss: backend='triton' requested but the Triton kernel failed to compile "
+            raise RuntimeError(f"{what}: backend='triton' requested but the Triton kernel failed to compile "
                                f"({reason})") from exc
-        backends.warn_once("triton-compile", f"the Triton kd_loss kernel failed to compile ({reason}); kd_loss "
-                                             f"uses the torch reference from now on")
-        return _run_reference(problem, options, grad_student, grad_teacher)
+        backends.warn_once(f"triton-compile-{what}", f"the Triton {what} kernel failed to compile ({reason}); "
+                                                      f"{what} uses the torch reference from now on")
+        return run_reference()
 
 
 def _forward(problem: KDProblem, options: KDOptions, grad_student: bool, grad_teacher: bool, backend: str,
@@ -156,8 +156,9 @@ def _forward(problem: KDProblem, options: KDOptions, grad_student: bool, grad_te
                 teacher.new_zeros(grad_t_shape) if grad_teacher else None)
     student4, teacher3 = problem.strided_views()
     if backend == "triton":
-        loss, grad_s, grad_t = _run_triton_or_fallback(problem, student4, teacher3, options, grad_student,
-                                                       grad_teacher, allow_fallback)
+        loss, grad_s, grad_t = _triton_or_reference(
+            "kd_loss", lambda: run_triton(problem, student4, teacher3, options, grad_student, grad_teacher),
+            lambda: _run_reference(problem, options, grad_student, grad_teacher), allow_fallback)
     elif backend == "torch":  # the kernels' contract from the reference (the fused-linear loss's torch backend)
         loss, grad_s, grad_t = _run_reference(problem, options, grad_student, grad_teacher)
     else:
@@ -215,6 +216,21 @@ def once_differentiable(backward):
     return wrapper
 
 
+def _take_saved_gradients(ctx, what: str):
+    """The gradients a Function's forward saved on ``ctx.grads``, and whether the backward may scale them in place:
+    it may when autograd will not need them again (the graph is not retained), and then they are taken off ``ctx``
+    (freed with the call). A second backward through a graph that was not retained raises, naming the loss."""
+    if ctx.grads is None:
+        raise RuntimeError(f"{what}: trying to backward through the graph a second time: its saved gradients were "
+                           f"scaled in place and freed by the first backward. Specify retain_graph=True if you need "
+                           f"to backward through the graph a second time.")
+    grads = ctx.grads
+    in_place = not _graph_retained()
+    if in_place:
+        ctx.grads = None
+    return grads, in_place
+
+
 # ---- eager: autograd.Function --------------------------------------------------------------------------------
 class _FusedKDLoss(torch.autograd.Function):
     @staticmethod
@@ -227,14 +243,7 @@ class _FusedKDLoss(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss):
-        if ctx.grads is None:
-            raise RuntimeError("kd_loss: trying to backward through the graph a second time: its saved gradients "
-                               "were scaled in place and freed by the first backward. Specify retain_graph=True "
-                               "if you need to backward through the graph a second time.")
-        grad_s, grad_t = ctx.grads
-        in_place = not _graph_retained()
-        if in_place:
-            ctx.grads = None  # scaled in place below: never usable again, and freed with this call
+        (grad_s, grad_t), in_place = _take_saved_gradients(ctx, "kd_loss")
         d_student, d_teacher = _scaled_gradients(grad_loss, grad_s, grad_t, reduction=ctx.reduction,
                                                  multi=ctx.multi, teacher_dim=ctx.teacher_dim, in_place=in_place)
         return (d_student, d_teacher) + (None,) * 6
@@ -385,16 +394,9 @@ def _forward_topk(problem, options: KDOptions, sparse, grad_student: bool, backe
         return (torch.zeros(loss_shape, dtype=torch.float32, device=student.device),
                 torch.zeros_like(student) if grad_student else None)
     if backend == "triton":
-        try:
-            loss, grad = run_triton_topk(problem, options, sparse, grad_student)
-        except _triton_compile_errors() as exc:
-            backends.mark_triton_broken(f"{type(exc).__name__}")
-            if not allow_fallback:
-                raise RuntimeError(f"kd_loss_topk: backend='triton' requested but the Triton kernel failed to "
-                                   f"compile ({type(exc).__name__})") from exc
-            backends.warn_once("triton-compile-topk", "the Triton kd_loss_topk kernel failed to compile; "
-                                                      "kd_loss_topk uses the torch reference from now on")
-            loss, grad = _run_reference_topk(problem, options, sparse, grad_student)
+        loss, grad = _triton_or_reference(
+            "kd_loss_topk", lambda: run_triton_topk(problem, options, sparse, grad_student),
+            lambda: _run_reference_topk(problem, options, sparse, grad_student), allow_fallback)
     else:
         loss, grad = _run_cpp_topk(problem, options, sparse, grad_student)
     return loss.reshape(loss_shape), (grad.view(student.shape) if grad_student else None)
@@ -411,14 +413,7 @@ class _FusedKDLossTopK(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss):
-        if ctx.grads is None:
-            raise RuntimeError("kd_loss_topk: trying to backward through the graph a second time: its saved "
-                               "gradient was scaled in place and freed by the first backward. Specify "
-                               "retain_graph=True if you need to backward through the graph a second time.")
-        grad_s = ctx.grads
-        in_place = not _graph_retained()
-        if in_place:
-            ctx.grads = None
+        grad_s, in_place = _take_saved_gradients(ctx, "kd_loss_topk")
         d_student, _ = _scaled_gradients(grad_loss, grad_s, None, reduction=ctx.reduction, multi=False,
                                          teacher_dim=ctx.student_dim, in_place=in_place)
         return (d_student,) + (None,) * 5

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from spacedkd_fast import backends
 from spacedkd_fast.loss.args import FLOAT_DTYPES, KDProblem, check_target_values, flat_checked_target
-from spacedkd_fast.loss.function import _forward, _graph_retained, once_differentiable
+from spacedkd_fast.loss.function import _forward, _take_saved_gradients, once_differentiable
 from spacedkd_fast.loss.options import KDOptions
 
 __all__ = ["FusedLinearKDLoss", "default_chunk_size", "kd_loss_from_hidden"]
@@ -452,14 +452,7 @@ class _FusedLinearKD(torch.autograd.Function):
             _, _, grads = _run_chunks(problem, ctx.options, ctx.wants, ctx.backend, ctx.allow_fallback,
                                       row_weights=grad_loss.reshape(-1))
             return _finish(grads, None, ctx.dtypes, in_place=True) + (None,) * 5
-        if ctx.grads is None:
-            raise RuntimeError("kd_loss_from_hidden: trying to backward through the graph a second time: its saved "
-                               "gradients were scaled in place and freed by the first backward. Specify "
-                               "retain_graph=True if you need to backward through the graph a second time.")
-        grads = ctx.grads
-        in_place = not _graph_retained()
-        if in_place:
-            ctx.grads = None  # scaled in place below: never usable again
+        grads, in_place = _take_saved_gradients(ctx, "kd_loss_from_hidden")
         scale = grad_loss if ctx.inv_count is None else grad_loss * ctx.inv_count
         return _finish(grads, scale, ctx.dtypes, in_place) + (None,) * 5
 
@@ -664,8 +657,7 @@ def kd_loss_from_hidden_with(student_hidden: Tensor, student_weight: Tensor, tea
                              student_bias: Tensor | None = None, teacher_bias: Tensor | None = None,
                              chunk_size: int | None = None, backend: str = "auto") -> Tensor:
     """:func:`kd_loss_from_hidden` with its options as one checked value (what :class:`FusedLinearKDLoss` calls)."""
-    if backend not in backends.LOSS_BACKENDS:
-        _fail(ValueError, f"backend must be one of {backends.LOSS_BACKENDS}, got {backend!r}")
+    backends.check_loss_backend(backend)
     problem = canonicalize_linear(student_hidden, student_weight, teacher, teacher_weight, target, student_bias,
                                   teacher_bias, options, chunk_size)
     dtype = torch.float64 if torch.float64 in (student_hidden.dtype, teacher.dtype) else student_hidden.dtype
@@ -689,8 +681,7 @@ class FusedLinearKDLoss(nn.Module):
         self.options = KDOptions(temperature=temperature, alpha=alpha, label_smoothing=label_smoothing,
                                  ignore_index=ignore_index, reduction=reduction, t_squared=t_squared,
                                  teacher_grad=teacher_grad, vocab_mismatch=vocab_mismatch)
-        if backend not in backends.LOSS_BACKENDS:
-            _fail(ValueError, f"backend must be one of {backends.LOSS_BACKENDS}, got {backend!r}")
+        backends.check_loss_backend(backend)
         if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)):
             _fail(TypeError, f"chunk_size must be a positive int or None, got {type(chunk_size).__name__}")
         if chunk_size is not None and chunk_size <= 0:
